@@ -1,0 +1,1 @@
+"""Compiler: model + threshold schedule + architecture -> per-core program."""

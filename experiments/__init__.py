@@ -1,0 +1,1 @@
+"""Experiments: the end-to-end command line, sweeps and plots."""

@@ -1,0 +1,1 @@
+"""SENECA-like event-driven neuromorphic processor: architecture, energy table and simulators."""

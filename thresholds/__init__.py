@@ -1,0 +1,1 @@
+"""Activation-threshold schedules and the algorithms that choose them."""
