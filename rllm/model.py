@@ -10,7 +10,7 @@ Two modes that agree: ``forward`` runs whole sequences (calibration, evaluation,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -284,6 +284,29 @@ def _orthogonal(w: torch.Tensor, scale: float = 1.0) -> None:
     out_f, in_f = w.shape
     gain = math.sqrt(out_f / in_f) if out_f > in_f else 1.0
     nn.init.orthogonal_(w, gain=gain * scale)
+
+
+@torch.no_grad()
+def randomize_weights(model: RWKV, seed: int = 0) -> RWKV:
+    """Fill every parameter with random values of realistic scale (a stand-in for real weights).
+
+    Matrices ~ N(0, 1/fan_in), decays spread over a few orders of magnitude, mixes in (0, 1):
+    enough for hardware studies on the real shapes and for tests that must not be trivial.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            fan_in = p.shape[0] if name == "emb.weight" else p.shape[1]
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+        elif "time_mix" in name:
+            p.copy_(torch.rand(p.shape, generator=g))
+        elif "time_decay" in name or "time_first" in name:
+            p.copy_(torch.randn(p.shape, generator=g))
+        elif name.endswith("weight"):  # LayerNorm gains
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        else:
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
 
 
 def sequence_loss(model: RWKV, idx: torch.Tensor) -> torch.Tensor:
