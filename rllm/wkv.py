@@ -15,9 +15,14 @@ a small lower-triangular logit matrix, and the state carried in from earlier chu
 as one extra "virtual" element with logit ``pp + log(bb)`` and value ``aa / bb``. It is plain
 torch (autograd and any device work), vectorized over batch, channels and chunk positions.
 All WKV arithmetic is float32 whatever the model's dtype, as in the reference CUDA kernel.
+
+On CPU without autograd, ``wkv_sequence`` runs ``_wkv_numba``: the recurrence itself, token by
+token, parallel over batch x channels; it is ~100x faster there than the chunked tensors.
 """
 from __future__ import annotations
 
+import numba
+import numpy as np
 import torch
 
 NEG_INF = -1e38  # the reference's "minus infinity" for an empty state: exp() of it is 0
@@ -61,25 +66,66 @@ def wkv_step(
     return out, (e1 * aa + e2 * v, e1 * bb + e2, p)
 
 
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _wkv_numba(k, v, w, u, aa, bb, pp, out):  # pragma: no cover - compiled
+    """The ``wkv_step`` recurrence over ``T`` tokens; k, v, out ``[B, T, C]``, state ``[B, C]`` updated in place."""
+    B, T, C = k.shape
+    for bc in numba.prange(B * C):
+        b, c = bc // C, bc % C
+        a_, b_, p_ = aa[b, c], bb[b, c], pp[b, c]
+        for t in range(T):
+            kt, vt = k[b, t, c], v[b, t, c]
+            ww = u[c] + kt
+            p = max(p_, ww)
+            e1, e2 = np.exp(p_ - p), np.exp(ww - p)
+            out[b, t, c] = (e1 * a_ + e2 * vt) / (e1 * b_ + e2)
+            ww = p_ + w[c]
+            p = max(ww, kt)
+            e1, e2 = np.exp(ww - p), np.exp(kt - p)
+            a_, b_, p_ = e1 * a_ + e2 * vt, e1 * b_ + e2, p
+        aa[b, c], bb[b, c], pp[b, c] = a_, b_, p_
+
+
+def _wkv_cpu(k, v, time_decay, time_first, state):
+    B, T, C = k.shape
+    aa, bb, pp = (s.detach().float().contiguous().numpy().copy() for s in state)
+    out = np.empty((B, T, C), dtype=np.float32)
+    w = (-torch.exp(time_decay.detach().float())).numpy()
+    _wkv_numba(k.detach().float().contiguous().numpy(), v.detach().float().contiguous().numpy(), w,
+               time_first.detach().float().contiguous().numpy(), aa, bb, pp, out)
+    return torch.from_numpy(out), tuple(torch.from_numpy(s) for s in (aa, bb, pp))
+
+
 def wkv_sequence(
     k: torch.Tensor,
     v: torch.Tensor,
     time_decay: torch.Tensor,
     time_first: torch.Tensor,
     state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    chunk: int = 32,
+    chunk: int = 16,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """WKV over a whole sequence. ``k, v``: ``[B, T, C]``; returns ``wkv [B, T, C]`` float32 and the final state.
 
-    Agrees with ``wkv_step`` applied token by token (to float32 rounding).
+    ``backend``: ``"torch"`` (chunked tensors of length ``chunk``: autograd, any device),
+    ``"numba"`` (the recurrence, CPU, no autograd) or ``"auto"`` (numba on CPU when no gradient
+    is needed, torch otherwise). Agrees with ``wkv_step`` applied token by token (to float32 rounding).
     """
     B, T, C = k.shape
+    if state is None:
+        state = initial_state(B, C, k.device)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (k, v, time_decay, time_first, *state))
+    if backend == "auto":
+        backend = "numba" if k.device.type == "cpu" and not needs_grad else "torch"
+    if backend == "numba":
+        if needs_grad:
+            raise ValueError("the numba WKV has no autograd: use backend='torch' for training")
+        return _wkv_cpu(k, v, time_decay, time_first, state)
     k = k.float()
     v = v.float()
     w = torch.exp(time_decay.float())  # per-step decay of the logits, > 0
     u = time_first.float()
-    if state is None:
-        state = initial_state(B, C, k.device)
     aa, bb, pp = state
     outs = []
     for start in range(0, T, chunk):

@@ -48,13 +48,29 @@ def test_sequence_mode_continues_from_state():
     assert (torch.cat([a, b], 1) - full).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 32, 100])
-def test_wkv_sequence_matches_definition_for_any_chunk(chunk):
+@pytest.mark.parametrize("backend,chunk", [("torch", 1), ("torch", 7), ("torch", 32), ("torch", 100), ("numba", 16)])
+def test_wkv_sequence_matches_definition(backend, chunk):
     g = torch.Generator().manual_seed(3)
     k, v = torch.randn(2, 50, 8, generator=g) * 3, torch.randn(2, 50, 8, generator=g)
     td, tf = torch.randn(8, generator=g), torch.randn(8, generator=g)
-    out, _ = wkv_sequence(k, v, td, tf, chunk=chunk)
+    out, state = wkv_sequence(k, v, td, tf, chunk=chunk, backend=backend)
     assert (out.double() - wkv_float64(k, v, td, tf)).abs().max() < 1e-5
+    # the final state continues the sequence exactly like the recurrence does
+    nxt, _ = wkv_step(k[:, -1], v[:, -1], td, tf, state)
+    ref_state = wkv_sequence(k, v, td, tf, backend="torch", chunk=50)[1]
+    assert (nxt - wkv_step(k[:, -1], v[:, -1], td, tf, ref_state)[0]).abs().max() < 1e-5
+
+
+def test_torch_wkv_backend_has_gradients():
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(1, 20, 4, generator=g, requires_grad=True)
+    v = torch.randn(1, 20, 4, generator=g)
+    td = torch.randn(4, generator=g, requires_grad=True)
+    out, _ = wkv_sequence(k, v, td, torch.zeros(4))
+    out.sum().backward()
+    assert torch.isfinite(k.grad).all() and k.grad.abs().sum() > 0 and td.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="no autograd"):
+        wkv_sequence(k, v, td, torch.zeros(4), backend="numba")
 
 
 def test_wkv_stays_finite_with_extreme_keys():
@@ -63,13 +79,15 @@ def test_wkv_stays_finite_with_extreme_keys():
     k = torch.randn(1, 40, 4, generator=g) * 80
     v = torch.randn(1, 40, 4, generator=g)
     td, tf = torch.randn(4, generator=g), torch.randn(4, generator=g)
-    seq, _ = wkv_sequence(k, v, td, tf)
+    seq, _ = wkv_sequence(k, v, td, tf, backend="torch")
+    fast, _ = wkv_sequence(k, v, td, tf, backend="numba")
     state, steps = initial_state(1, 4), []
     for t in range(40):
         o, state = wkv_step(k[:, t], v[:, t], td, tf, state)
         steps.append(o)
     ref = wkv_float64(k, v, td, tf)
-    assert torch.isfinite(seq).all()
+    assert torch.isfinite(seq).all() and torch.isfinite(fast).all()
+    assert (fast.double() - ref).abs().max() < 1e-5
     assert (seq.double() - ref).abs().max() < 1e-5
     assert (torch.stack(steps, 1).double() - ref).abs().max() < 1e-5
 
