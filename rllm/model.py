@@ -59,6 +59,8 @@ class Threshold(nn.Module):
         t = self.threshold
         if t.ndim == 0 and float(t) == 0.0:
             return x
+        if t.ndim == 3 and x.ndim == 2:  # one threshold per sequence [B, 1, W], input flattened to [B*T, W]
+            t = t.expand(t.shape[0], x.shape[0] // t.shape[0], t.shape[2]).reshape(-1, t.shape[2])
         return torch.where(x.abs() >= t.to(x.dtype), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 

@@ -1,0 +1,124 @@
+"""Sequential calibration (ours and the authors'), the segment machinery it relies on, and the CLI."""
+import pytest
+import torch
+
+from rllm.model import RWKV, RWKVConfig, randomize_weights, sequence_loss
+from thresholds import Schedule, calibrate, sequential
+from thresholds._core import Stream, head_nll, run_segments
+from thresholds.calibrate import main, resolve_params
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    import numba
+    t, n = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(t)
+    numba.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A random model whose calibration text is sampled from itself (so thresholds can only hurt)."""
+    torch.manual_seed(0)
+    m = randomize_weights(RWKV(RWKVConfig(vocab_size=64, n_layer=2, n_embd=32)), seed=0).eval()
+    with torch.no_grad():
+        m.head.weight.mul_(6.0)  # a confident model
+        g = torch.Generator().manual_seed(1)
+        tok = torch.zeros(16, 65, dtype=torch.long)
+        tok[:, 0] = torch.randint(0, 64, (16,), generator=g)
+        logits, state = m.step(tok[:, 0])
+        for t in range(1, 65):
+            tok[:, t] = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
+            logits, state = m.step(tok[:, t], state)
+    return m, tok
+
+
+def test_segments_reproduce_the_model(setup):
+    m, tok = setup
+    m.set_thresholds({"blocks.0.att.value": 0.2, "blocks.1.ffn.key": 0.3})
+    try:
+        with torch.no_grad():
+            x = run_segments(m, m.emb(tok[:, :-1]), 0)
+            nll = head_nll(m, x, tok[:, 1:]).sum() / tok[:, 1:].numel()
+            assert float(nll) == pytest.approx(float(sequence_loss(m, tok)), rel=1e-5)
+    finally:
+        m.set_thresholds({n: 0.0 for n in m.sites})
+
+
+def test_batched_candidates_equal_one_by_one(setup):
+    m, tok = setup
+    site = m.sites["blocks.1.att.output"]
+    with torch.no_grad():
+        st = Stream(m, tok, torch.device("cpu"), batch_tokens=256)  # several minibatches
+        st.advance_to(2)
+        cands = [torch.tensor(v) for v in (0.0, 0.05, 0.2)] + [torch.rand(32) * 0.2]
+        one = st.candidate_losses(site, cands, group=1)
+        many = st.candidate_losses(site, cands, group=3)
+        direct = []
+        for c in cands:
+            m.set_thresholds({"blocks.1.att.output": c})
+            direct.append(float(sequence_loss(m, tok)))
+        m.set_thresholds({"blocks.1.att.output": 0.0})
+    assert one == pytest.approx(many, rel=1e-6) and one == pytest.approx(direct, rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["paper", "budget"])
+def test_tolerance_zero_gives_zero_thresholds(setup, variant):
+    m, tok = setup
+    s = sequential(m, tok, variant=variant, tolerance=0.0, progress=False)
+    assert all(t == 0.0 for t in s.thresholds.values())
+    assert s.summary["sparsity_mac_weighted"] == pytest.approx(s.summary["natural_mac_weighted"])
+
+
+@pytest.mark.parametrize("variant", ["paper", "budget"])
+def test_more_tolerance_never_less_sparsity(setup, variant):
+    m, tok = setup
+    tols = (1e-3, 1e-2, 5e-2) if variant == "paper" else (0.01, 0.05, 0.3)
+    sp, losses = [], []
+    for tol in tols:
+        s = sequential(m, tok, variant=variant, tolerance=tol, progress=False)
+        sp.append(s.summary["sparsity_mac_weighted"])
+        losses.append(s.summary["loss_increase"])
+        if variant == "budget":  # the global budget holds on the calibration data
+            assert s.summary["loss_increase"] <= tol + 1e-6
+    assert all(b >= a - 1e-9 for a, b in zip(sp, sp[1:])), sp
+    assert sp[-1] > sp[0] + 0.05, sp  # the knob does something
+
+
+def test_per_channel_and_paper_candidates(setup):
+    m, tok = setup
+    s = sequential(m, tok, tolerance=0.05, per_channel=True, progress=False)
+    widths = {n: site.width for n, site in m.sites.items()}
+    assert any(isinstance(t, list) for t in s.thresholds.values())
+    for n, t in s.thresholds.items():
+        assert not isinstance(t, list) or len(t) == widths[n]
+    s.apply(m)
+    m.set_thresholds({n: 0.0 for n in m.sites})
+    p = sequential(m, tok, variant="paper", tolerance=1e-3, progress=False)
+    assert p.params["levels"] == pytest.approx([0.1 * i for i in range(1, 10)])
+    assert p.params["quantiles"] == "per_token" and p.algorithm == "paper"
+    assert all(isinstance(t, float) for t in p.thresholds.values())
+
+
+def test_resolve_params_rejects_unknown_and_requires_target():
+    assert resolve_params("paper", {})["variant"] == "paper"
+    with pytest.raises(TypeError, match="tolerence"):
+        resolve_params("sequential", {"tolerence": 0.1})
+    with pytest.raises(TypeError, match="sparsity"):
+        resolve_params("uniform", {})
+
+
+def test_cli_writes_a_valid_schedule(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    rc = main(["random:2:16:64", "--algorithm", "sequential", "--tolerance", "0.05", "--tokens", "256",
+               "--seq-len", "32", "--out", str(out), "--no-cache", "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "MAC-weighted" in text and "blocks.1.ffn.value" in text and "natural" in text
+    s = Schedule.load(out)
+    assert s.algorithm == "sequential" and len(s.thresholds) == 15
+    with pytest.raises(SystemExit):  # argparse: uniform takes --sparsity
+        main(["random:2:16:64", "--algorithm", "uniform", "--tolerance", "0.1", "--out", str(out)])

@@ -1,0 +1,6 @@
+"""``python -m thresholds ...`` is ``python -m thresholds.calibrate ...``."""
+import sys
+
+from thresholds.calibrate import main
+
+sys.exit(main())

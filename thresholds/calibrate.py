@@ -1,0 +1,287 @@
+"""One interface for every threshold algorithm, with a cache, and its command line.
+
+    from thresholds import calibrate
+    sched = calibrate(model, calib_tokens, "sequential", tolerance=0.02)   # -> Schedule
+    sched.save("schedule.json"); sched.apply(model)
+
+Algorithms: ``sequential`` (ours: global loss budget, fine candidates), ``paper`` (the authors'
+procedure), ``uniform``, ``teal``, ``cats``, ``finetune`` (see :mod:`thresholds.sequential`
+and :mod:`thresholds.baselines`). Results are cached by a hash of their inputs (model
+fingerprint with a weights digest, algorithm, resolved parameters, calibration tokens).
+
+Command line::
+
+    python -m thresholds.calibrate MODEL --algorithm sequential|paper|uniform|teal|cats|finetune
+        [--tolerance T | --sparsity S] [--calib FILE] [--tokens N] [--seq-len L] --out schedule.json
+
+``MODEL``: a zoo name or checkpoint path (``rllm.weights.load_model``), or ``random:L:C[:V]``
+(a randomly initialized RWKV, for smoke tests and benchmarks). ``--calib``: a text file
+(tokenized with the model's tokenizer) or token ids (``.npy``/``.pt``); default: ``calib.txt``
+beside the model's weights. ``--tolerance`` is the global relative loss budget for
+``sequential`` (e.g. 0.02) and the per-acceptance ratio increase for ``paper`` (5e-4 = the
+authors' 1.0005); ``--sparsity`` is the target for the other algorithms (MAC-weighted
+model-wide, except ``uniform`` whose target is per site unless ``--target mac``).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from thresholds import baselines
+from thresholds.sequential import sequential as _seq
+from thresholds._core import as_calib_tokens, tokens_sha256
+from thresholds.schedule import Schedule, ScheduleCache, ScheduleError, cache_key, model_fingerprint
+
+__all__ = ["calibrate", "ALGORITHMS", "resolve_params", "load_calib_tokens", "main", "format_table"]
+
+
+def _paper(model, calib_tokens, **kw):
+    kw.setdefault("variant", "paper")
+    return _seq(model, calib_tokens, **kw)
+
+
+def _sequential(model, calib_tokens, **kw):
+    kw.setdefault("variant", "budget")
+    return _seq(model, calib_tokens, **kw)
+
+
+ALGORITHMS: dict[str, tuple[Callable[..., Schedule], dict]] = {
+    "sequential": (_sequential, {"variant": "budget"}),
+    "paper": (_paper, {"variant": "paper"}),
+    "uniform": (baselines.uniform, {}),
+    "teal": (baselines.teal, {}),
+    "cats": (baselines.cats, {}),
+    "finetune": (baselines.finetune, {}),
+}
+_IMPL = {"sequential": _seq, "paper": _seq, "uniform": baselines.uniform,
+         "teal": baselines.teal, "cats": baselines.cats, "finetune": baselines.finetune}
+# arguments that change how, not what, is computed: not part of the cache key
+_NOT_KEYED = {"device", "progress", "model_name", "calib_description", "algorithm", "trajectory", "batch_tokens",
+              "candidate_batch"}
+
+
+def resolve_params(algorithm: str, params: dict) -> dict:
+    """The algorithm's keyword defaults overlaid with ``params`` (unknown names are an error)."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    known: dict[str, Any] = {}
+    fns = [_IMPL[algorithm]] + ([baselines.quantile_schedule] if algorithm in ("uniform", "cats") else [])
+    for fn in reversed(fns):  # the algorithm's own defaults win
+        sig = inspect.signature(fn)
+        known.update({n: p.default for n, p in sig.parameters.items()
+                      if p.kind == p.KEYWORD_ONLY and n not in ("active", "params")})
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise TypeError(f"{algorithm}: unknown parameter(s) {unknown}; it takes {sorted(set(known) - _NOT_KEYED)}")
+    out = {n: d for n, d in known.items() if d is not inspect.Parameter.empty}
+    out.update(ALGORITHMS[algorithm][1])
+    out.update(params)
+    missing = [n for n, d in known.items() if d is inspect.Parameter.empty and n not in out]
+    if missing:
+        raise TypeError(f"{algorithm}: missing required parameter(s) {missing} (e.g. sparsity=0.5)")
+    return out
+
+
+def _key_params(resolved: dict) -> dict:
+    out = {}
+    for n, v in resolved.items():
+        if n in _NOT_KEYED:
+            continue
+        out[n] = v.to_dict() if isinstance(v, Schedule) else v
+    return out
+
+
+def calibrate(model, calib_tokens, algorithm: str = "sequential", *, cache: bool | str | os.PathLike | ScheduleCache = True,
+              model_name: str | None = None, calib_description: str = "", device=None, progress: bool = True,
+              **params) -> Schedule:
+    """Choose thresholds for every site of ``model`` with ``algorithm`` on ``calib_tokens``
+    (``[N, T]`` token ids, or a 1-D stream cut into 256-token sequences).
+
+    ``cache``: True (default directory, see :func:`thresholds.schedule.default_cache_dir`), a
+    directory, a :class:`ScheduleCache`, or False. A cached schedule is returned as is, with
+    ``extra["cache"] = {"hit": True, ...}``; ``cost_s`` stays the original calibration cost.
+    """
+    tokens = as_calib_tokens(calib_tokens)
+    resolved = resolve_params(algorithm, params)
+    store = None
+    if cache is not False and cache is not None:
+        store = cache if isinstance(cache, ScheduleCache) else ScheduleCache(None if cache is True else cache)
+    key = None
+    if store is not None:
+        t0 = time.perf_counter()
+        key = cache_key(model_fingerprint(model), algorithm, _key_params(resolved), tokens_sha256(tokens))
+        hit = store.get(key, algorithm, model=model)
+        if hit is not None:
+            return hit.replace(extra={**dict(hit.extra), "cache": {"hit": True, "key": key, "path": str(store.path(key, algorithm)),
+                                                                  "loaded_in_s": time.perf_counter() - t0}})
+    fn = ALGORITHMS[algorithm][0]
+    call = {n: v for n, v in params.items()}
+    sched = fn(model, tokens, device=device, progress=progress, model_name=model_name,
+               calib_description=calib_description, algorithm=algorithm, **call)
+    if store is not None:
+        store.put(key, sched)
+        sched = sched.replace(extra={**dict(sched.extra), "cache": {"hit": False, "key": key,
+                                                                    "path": str(store.path(key, algorithm))}})
+    return sched
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------
+
+def load_calib_tokens(path: str | os.PathLike, tokenizer: Any = None) -> torch.Tensor:
+    """Token ids from a ``.npy``/``.pt`` file, or a text file encoded with ``tokenizer``
+    (documents separated by blank lines are joined as one stream)."""
+    import numpy as np
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: calibration file not found")
+    if p.suffix == ".npy":
+        return torch.as_tensor(np.load(p)).long()
+    if p.suffix in (".pt", ".pth"):
+        return torch.as_tensor(torch.load(p, weights_only=True)).long()
+    if tokenizer is None:
+        raise ValueError(f"{p}: a text calibration file needs the model's tokenizer, and this model has none; "
+                         f"pass token ids (.npy)")
+    text = p.read_text(encoding="utf-8")
+    enc = tokenizer.encode(text)
+    return torch.tensor(getattr(enc, "ids", enc), dtype=torch.long)
+
+
+def _load(model_arg: str, device: str | None):
+    """(model, tokenizer, name, default calibration file or None)."""
+    if model_arg.startswith("random:"):
+        from rllm.model import RWKV, RWKVConfig, randomize_weights
+        parts = [int(x) for x in model_arg.split(":")[1:]]
+        L, C = parts[0], parts[1]
+        V = parts[2] if len(parts) > 2 else 1024
+        m = randomize_weights(RWKV(RWKVConfig(vocab_size=V, n_layer=L, n_embd=C, name=model_arg)), seed=0).eval()
+        return m, None, model_arg, None
+    from rllm.weights import load_model
+    lm = load_model(model_arg, device=device or "cpu")
+    src = Path(lm.source)
+    d = src if src.is_dir() else src.parent
+    calib = d / "calib.txt"
+    return lm.model, lm.tokenizer, lm.name, (calib if calib.exists() else None)
+
+
+def format_table(sched: Schedule) -> str:
+    df = sched.table()
+    lines = [f"{'site':<28}{'threshold':>11}{'sparsity':>10}{'natural':>9}{'added':>8}"]
+    for r in df.itertuples():
+        mark = "*" if r.per_channel else " "
+        lines.append(f"{r.site:<28}{r.threshold:>10.4g}{mark}{r.sparsity:>10.3f}{r.natural:>9.3f}{r.added:>8.3f}")
+    s = sched.summary
+    inner = df[df.site.str.endswith("ffn.value")]
+    lines += [
+        "(* per-channel: mean shown)" if df.per_channel.any() else "",
+        f"sparsity over block sites: mean {s.get('sparsity_mean', float('nan')):.3f}, "
+        f"MAC-weighted {s.get('sparsity_mac_weighted', float('nan')):.3f} "
+        f"(natural {s.get('natural_mean', float('nan')):.3f} / {s.get('natural_mac_weighted', float('nan')):.3f}, "
+        f"added {s.get('added_mean', float('nan')):.3f} / {s.get('added_mac_weighted', float('nan')):.3f})",
+        f"squared-ReLU (ffn.value) sites: natural {inner.natural.mean():.3f}, added beyond natural {inner.added.mean():.3f}",
+        f"calibration loss {s.get('loss', float('nan')):.4f} vs dense {s.get('dense_loss', float('nan')):.4f} "
+        f"({100 * s.get('loss_increase', float('nan')):+.2f}%); cost {sched.cost_s:.1f} s",
+    ]
+    return "\n".join(l for l in lines if l != "")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m thresholds.calibrate",
+                                description="Choose activation thresholds for every site of a model.")
+    p.add_argument("model", help="zoo name, checkpoint path, or random:L:C[:V]")
+    p.add_argument("--algorithm", "-a", default="sequential", choices=list(ALGORITHMS))
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tolerance", type=float, help="sequential: global relative loss budget (default 0.02); "
+                                                   "paper: relative increase per acceptance (default 5e-4)")
+    g.add_argument("--sparsity", type=float, help="uniform/teal/cats/finetune: target sparsity")
+    p.add_argument("--target", choices=("site", "mac"), default=None,
+                   help="uniform/cats: sparsity per site or MAC-weighted model-wide")
+    p.add_argument("--calib", help="calibration text (.txt) or token ids (.npy/.pt); default: calib.txt beside the model")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384 = 64 x 256)")
+    p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length")
+    p.add_argument("--per-channel", action="store_true", help="sequential: one threshold per channel")
+    p.add_argument("--cats-sites", choices=("ffn", "inner"), default=None, help="cats: which FFN sites")
+    p.add_argument("--steps", type=int, default=None, help="finetune: optimizer steps")
+    p.add_argument("--device", default=None, help="cpu or cuda")
+    p.add_argument("--out", required=True, help="schedule JSON to write")
+    p.add_argument("--cache-dir", default=None, help="schedule cache directory")
+    p.add_argument("--no-cache", action="store_true", help="always recompute")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+
+    try:
+        model, tok, name, default_calib = _load(a.model, a.device)
+    except Exception as e:  # ModelLoadError and friends: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.calib:
+        try:
+            ids = load_calib_tokens(a.calib, tok)
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        desc = f"{Path(a.calib).name}"
+    elif default_calib is not None:
+        ids = load_calib_tokens(default_calib, tok)
+        desc = f"{default_calib.name} ({name})"
+    elif a.model.startswith("random:"):
+        V = model.config.vocab_size
+        ids = torch.randint(0, V, (a.tokens,), generator=torch.Generator().manual_seed(0))
+        desc = "random tokens (seed 0)"
+    else:
+        print(f"error: no calibration data: pass --calib FILE (no calib.txt beside {name})", file=sys.stderr)
+        return 2
+    ids = ids.reshape(-1)
+    n = (min(a.tokens, ids.numel()) // a.seq_len) * a.seq_len
+    if n == 0:
+        print(f"error: {ids.numel()} calibration tokens, fewer than one sequence of {a.seq_len}", file=sys.stderr)
+        return 2
+    tokens = ids[:n].reshape(-1, a.seq_len)
+    desc += f", first {n} tokens as {tokens.shape[0]} x {a.seq_len}"
+
+    params: dict[str, Any] = {}
+    alg = a.algorithm
+    if alg in ("sequential", "paper"):
+        if a.sparsity is not None:
+            p.error(f"{alg} takes --tolerance, not --sparsity")
+        if a.tolerance is not None:
+            params["tolerance"] = a.tolerance
+        if a.per_channel:
+            params["per_channel"] = True
+    else:
+        if a.tolerance is not None:
+            p.error(f"{alg} takes --sparsity, not --tolerance")
+        if a.sparsity is None:
+            p.error(f"{alg} needs --sparsity")
+        params["sparsity"] = a.sparsity
+        if a.target and alg in ("uniform", "cats"):
+            params["target"] = a.target
+        if a.cats_sites and alg == "cats":
+            params["sites"] = a.cats_sites
+        if a.steps and alg == "finetune":
+            params["steps"] = a.steps
+    cache = False if a.no_cache else (a.cache_dir or True)
+    try:
+        sched = calibrate(model, tokens, alg, cache=cache, model_name=name, calib_description=desc,
+                          device=a.device, progress=not a.quiet, **params)
+    except (ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = sched.save(a.out)
+    hit = sched.extra.get("cache", {}).get("hit")
+    print(f"{name}: {alg} {params}" + (" (from cache)" if hit else ""))
+    print(format_table(sched))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Sequential initialization: sites are calibrated one by one in model order, each keeping the
+largest candidate threshold whose calibration loss stays within a tolerance, with every
+earlier site's threshold already on. Only forward passes.
+
+Two variants share the search machinery:
+
+``variant="paper"`` -- the authors' procedure, reproduced faithfully (Knunyants et al. 2025):
+    one scalar threshold per site; candidates are the 10%, 20%, ..., 90% quantiles of ``|x|``
+    at the site (for each token across channels, averaged over tokens); sites visited block 0
+    to the last, inside a block att.key, att.receptance, att.value, att.output, ffn.receptance,
+    ffn.key, ffn.value; candidates scanned from least to most sparse and accepted while
+    ``loss / current_loss <= 1 + tolerance``; after each acceptance the current loss becomes the
+    reference, so the allowed increase compounds over candidates and sites (the authors use
+    ``tolerance = 5e-4``, i.e. a ratio of 1.0005). The scan stops at the first rejection.
+    (Our reading of "accepted while": the scan ends at the first rejected candidate; the last
+    accepted one is kept.)
+
+``variant="budget"`` (default) -- ours:
+    ``tolerance`` is a *global budget*: the total relative increase of the calibration loss over
+    the dense model that the whole schedule may cost. After site ``k`` (of ``N``, in model order)
+    the loss must satisfy ``loss <= dense_loss * (1 + tolerance * share_k)``, where ``share_k``
+    is the cumulative share of the budget of sites ``1..k``: proportional to the site's MACs
+    (``share="macs"``, default: the wide FFN sites, which hold most of the work, get most of the
+    budget) or equal (``share="equal"``: ``k / N``). The reference is always the dense loss, so
+    nothing compounds, the final calibration loss is at most ``dense_loss * (1 + tolerance)``,
+    and budget a site leaves unused (because of the candidate grid) carries over to the next.
+    Candidates are finer (5% steps up to 95%, then 98%) and are quantiles of the site's
+    activations that are *not already zero*, so the squared-ReLU site, mostly zeros, still gets
+    a full grid; the scan tolerates one rejected candidate before stopping (``patience=2``: a
+    single noisy bump of the loss curve does not end it); with ``per_channel=True`` each channel gets its own threshold (the per-channel
+    quantile at the level), which spreads the silencing evenly over channels.
+
+Both: ``tolerance <= 0`` returns all-zero thresholds (no candidate may raise the loss, and a
+candidate that lowers it on the calibration set is noise, not a reason to threshold).
+
+Cost: the residual stream at the input of the segment (half block) being calibrated is cached,
+so a candidate only runs the remaining segments and the head. The work per site is therefore
+proportional to the remaining depth, and a full calibration costs ``O(L^2)`` segment passes per
+candidate level (about half of rerunning the whole model for every candidate): calibration
+time grows roughly quadratically with depth (``benchmarks/calibration_scaling.py`` measures it).
+``candidate_batch`` candidates share one batched forward (worth it on GPU; on CPU the default 1
+lets the scan stop as soon as a candidate is rejected).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+
+from thresholds._core import (Stream, block_sites, build_schedule, calibrating, mac_weights, progress_bar,
+                              quantiles_per_channel, quantiles_per_token, quantiles_pooled)
+from thresholds.schedule import Schedule
+
+__all__ = ["sequential", "PAPER_LEVELS", "FINE_LEVELS", "PAPER_TOLERANCE"]
+
+PAPER_LEVELS = tuple(round(0.1 * i, 2) for i in range(1, 10))             # 10%, ..., 90%
+DEFAULT_MARGIN = 1.0                                                        # z of the noise guard (ours)
+FINE_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (0.98,)    # 5%, ..., 95%, 98%
+PAPER_TOLERANCE = 5e-4                                                      # ratio 1.0005 (RWKV)
+
+
+def sequential(model, calib_tokens: torch.Tensor, *, tolerance: float | None = None, variant: str = "budget",
+               levels: Sequence[float] | None = None, per_channel: bool = False, share: str = "macs",
+               include_head: bool = False, search: str | None = None, scan: str = "first_failure",
+               patience: int | None = None, margin: float | None = None, quantiles: str | None = None,
+               horizon: int | None = None,
+               batch_tokens: int = 8192, candidate_batch: int | None = None, max_rows: int = 8192,
+               seed: int = 0, device=None, progress: bool = True, model_name: str | None = None,
+               calib_description: str = "", algorithm: str | None = None) -> Schedule:
+    """Calibrate every site in model order; returns a :class:`Schedule` (see the module doc).
+
+    ``calib_tokens``: ``[N, T]`` token ids. ``tolerance``: per-acceptance relative loss increase
+    (``variant="paper"``, default 5e-4) or the global relative budget (``variant="budget"``,
+    default 0.02). ``levels``: candidate quantile levels (increasing). ``quantiles``: how levels
+    become thresholds: ``"per_token"`` (the authors'), ``"pooled"`` or ``"nonzero"`` (pooled over
+    non-zero values; ours).
+
+    ``search``: ``"scan"`` visits candidates from least to most sparse (the authors' way, and the
+    only one their compounding reference allows; the default of ``variant="paper"``);
+    ``"bisect"`` (default of ``variant="budget"``) finds the sparsest admissible candidate by
+    bisection over the levels, assuming the loss grows with the level: about ``log2(levels)``
+    evaluations per site instead of one per level up to the first failure (with
+    ``candidate_batch = g``, ``g`` levels are probed per batched forward).
+    ``scan`` (for ``search="scan"``): ``"first_failure"`` stops after ``patience`` consecutive
+    rejected candidates (the authors' rule: ``patience=1``), ``"all"`` evaluates every candidate;
+    either way the sparsest admissible candidate seen is kept.
+
+    ``margin``: a guard against selecting on noise. A candidate is admissible only if its loss
+    *plus* ``margin`` standard errors of its increment (the per-sequence change of the loss
+    against the current schedule, over the calibration sequences) is within the limit. Without
+    it (``margin=0``, the authors' rule) every site keeps the candidate whose loss happened to
+    come out lowest on the calibration set, and on a small set those lucky draws add up to a
+    held-out loss above the calibration loss. Default 1.0 for ``budget``, 0 for ``paper``.
+
+    ``horizon``: ``None`` (default) measures every candidate's loss exactly, running all the
+    remaining segments: ``O(L^2)`` segment passes in all. An integer ``H`` makes the cost linear
+    in depth: a candidate runs only the ``H`` segments after its site, and its perturbation of
+    the residual stream there is added to the cached residual at the head of the current
+    schedule (a first-order estimate that ignores how later layers react). The accepted
+    perturbation is folded into that cache, the final schedule's calibration loss is measured
+    exactly, and ``summary["loss"]`` reports it (it may exceed the budget slightly).
+    """
+    t0 = time.perf_counter()
+    if variant not in ("paper", "budget"):
+        raise ValueError(f"variant must be 'paper' or 'budget', got {variant!r}")
+    if scan not in ("first_failure", "all"):
+        raise ValueError(f"scan must be 'first_failure' or 'all', got {scan!r}")
+    paper = variant == "paper"
+    search = search or ("scan" if paper else "bisect")
+    if search not in ("scan", "bisect"):
+        raise ValueError(f"search must be 'scan' or 'bisect', got {search!r}")
+    if search == "bisect" and paper:
+        raise ValueError("the authors' compounding reference needs search='scan'")
+    if tolerance is None:
+        tolerance = PAPER_TOLERANCE if paper else 0.02
+    tolerance = float(tolerance)
+    if not tolerance == tolerance or tolerance < 0:  # NaN or negative
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    levels = tuple(float(q) for q in (levels or (PAPER_LEVELS if paper else FINE_LEVELS)))
+    if any(not 0 < q < 1 for q in levels) or list(levels) != sorted(levels):
+        raise ValueError(f"levels must be increasing and inside (0, 1), got {levels}")
+    quantiles = quantiles or ("per_token" if paper else "nonzero")
+    patience = int(patience if patience is not None else (1 if paper else 2))
+    margin = float(margin if margin is not None else (0.0 if paper else DEFAULT_MARGIN))
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    if patience < 1:
+        raise ValueError(f"patience must be >= 1, got {patience}")
+    if horizon is not None and int(horizon) < 1:
+        raise ValueError(f"horizon must be a positive number of segments or None, got {horizon}")
+    if per_channel and paper:
+        raise ValueError("the authors' procedure uses one scalar per site; per_channel needs variant='budget'")
+    if share not in ("macs", "equal"):
+        raise ValueError(f"share must be 'macs' or 'equal', got {share!r}")
+    params = dict(variant=variant, tolerance=tolerance, levels=list(levels), per_channel=per_channel, share=share,
+                  include_head=include_head, search=search, scan=scan, patience=patience, margin=margin, quantiles=quantiles, horizon=horizon,
+                  max_rows=max_rows, seed=seed)
+    names = block_sites(model, include_head)
+    weights = mac_weights(model, names) if share == "macs" else {n: 1.0 / len(names) for n in names}
+    trace: list[dict[str, Any]] = []
+    chosen: dict[str, Any] = {}
+
+    with calibrating(model, device) as dev:
+        group = candidate_batch or (1 if dev.type == "cpu" else 8)
+        stream = Stream(model, calib_tokens, dev, batch_tokens, horizon=horizon)
+        dense, cur_rows = stream.loss(rows=True)
+        n_seq = cur_rows.numel()
+        per_seq = stream.n_targets / n_seq  # predicted tokens per sequence
+        current = dense
+        cum = 0.0
+        bar = progress_bar(len(names), f"sequential[{variant}]", progress)
+        for k, name in enumerate(names):
+            site = model.sites[name]
+            cum += weights[name]
+            stream.advance_to(stream.segs.segment_of(name))
+            entry = dict(site=name, level=0.0, loss=current, evaluated=0)
+            if tolerance > 0:
+                cap = stream.capture([name], max_rows=max_rows, seed=seed + k)[name]
+                absx = cap.values
+                if per_channel:
+                    cands = quantiles_per_channel(absx, levels)
+                elif quantiles == "per_token":
+                    cands = [torch.tensor(v) for v in quantiles_per_token(absx, levels)]
+                else:
+                    cands = [torch.tensor(v) for v in quantiles_pooled(absx, levels, over_nonzero=quantiles == "nonzero")]
+                # drop candidates that silence nothing (0) or repeat the previous one
+                keep, lv, prev = [], [], None
+                for q, c in zip(levels, cands):
+                    if float(c.max()) <= 0 or (prev is not None and torch.equal(c, prev)):
+                        continue
+                    keep.append(c), lv.append(q)
+                    prev = c
+                limit = dense * (1 + tolerance * cum)
+                state = {"ref": current, "best": None, "best_loss": None, "misses": 0}
+                rows: dict[int, torch.Tensor] = {}
+
+                def admissible(j: int) -> bool:
+                    loss = losses_seen[j]
+                    if margin > 0 and n_seq > 1:  # standard error of this site's increment, over sequences
+                        loss += margin * float(((rows[j] - cur_rows) / per_seq).std()) / n_seq ** 0.5
+                    return loss <= (state["ref"] * (1 + tolerance) if paper else limit)
+
+                losses_seen: dict[int, float] = {}
+
+                def stop(j: int, loss: float) -> bool:
+                    losses_seen[j] = loss
+                    if admissible(j):
+                        state["best"], state["best_loss"], state["misses"] = j, loss, 0
+                        if paper:
+                            state["ref"] = loss  # the compounding reference
+                        return False
+                    state["misses"] += 1
+                    return scan == "first_failure" and state["misses"] >= patience
+
+                if search == "scan":
+                    losses = stream.iter_candidate_losses(site, keep, group, stop, rows=rows)
+                else:
+                    losses = _bisect(stream, site, keep, group, admissible, rows, losses_seen)
+                    ok = [j for j in losses if admissible(j)]
+                    if ok:
+                        state["best"] = max(ok)
+                        state["best_loss"] = losses[state["best"]]
+                entry["evaluated"] = len(losses)
+                entry["natural"] = cap.natural
+                if not paper:
+                    entry["limit"] = limit
+                if state["best"] is not None:
+                    j = state["best"]
+                    site.threshold = keep[j].to(dev, torch.float32)
+                    stream.commit(site)
+                    chosen[name] = keep[j]
+                    current = state["best_loss"]
+                    cur_rows = rows[j]
+                    entry.update(level=lv[j], loss=current,
+                                 threshold=float(keep[j].mean()) if keep[j].ndim else float(keep[j]))
+            trace.append(entry)
+            bar.update(1)
+            bar.set_postfix(loss=f"{current:.4f}", dense=f"{dense:.4f}")
+        bar.close()
+        thresholds = {n: chosen.get(n, torch.tensor(0.0)) for n in model.sites}
+        return build_schedule(model, calib_tokens, thresholds, algorithm=algorithm or ("paper" if paper else "sequential"),
+                              params=params, calib_description=calib_description, t0=t0, device=dev,
+                              model_name=model_name, batch_tokens=batch_tokens, dense=dense,
+                              extra={"trace": trace, "search_loss": current})
+
+
+def _bisect(stream, site, cands, group, admissible, rows, losses) -> dict[int, float]:
+    """Losses of the candidates probed while bisecting for the largest admissible index
+    (``group`` evenly spaced probes per round, one batched forward each)."""
+    lo, hi = -1, len(cands)  # invariant (if admissibility is monotone): lo admissible (or -1), hi not (or end)
+    while hi - lo > 1:
+        n = min(group, hi - lo - 1)
+        probes = sorted({lo + max(1, round((i + 1) * (hi - lo) / (n + 1))) for i in range(n)})
+        probes = [j for j in probes if lo < j < hi]
+        local: dict[int, torch.Tensor] = {}
+        res = stream.candidate_losses(site, [cands[j] for j in probes], len(probes), rows=local)
+        rows.update({j: local[i] for i, j in enumerate(probes)})
+        losses.update(zip(probes, res))
+        ok = [j for j in probes if admissible(j)]
+        if ok:
+            lo = max(ok)
+        bad = [j for j in probes if j > lo and not admissible(j)]
+        hi = min(bad) if bad else hi
+    return losses
