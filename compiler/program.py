@@ -393,7 +393,8 @@ def _site_density(sites, expected_sparsity, schedule) -> dict[str, float]:
     if expected_sparsity is None:
         for s, v in (getattr(schedule, "sparsity", None) or {}).items():
             if s in sp:
-                sp[s] = float(v["sparsity"] if isinstance(v, Mapping) else v)
+                # a measured 100% (a site silent on the calibration text) is priced as nearly silent
+                sp[s] = min(float(v["sparsity"] if isinstance(v, Mapping) else v), 0.999)
     elif isinstance(expected_sparsity, Mapping):
         unknown = sorted(set(expected_sparsity) - set(sites))
         if unknown:

@@ -55,7 +55,8 @@ def weights_digest(model: torch.nn.Module, samples: int = 1024) -> str:
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         flat = p.detach().reshape(-1)
         n = flat.numel()
-        idx = torch.linspace(0, n - 1, min(samples, n), device=flat.device).round().long() if n else None
+        k = min(samples, n)  # evenly spaced indices, in integers (float32 linspace overshoots past 2^24)
+        idx = (torch.arange(k, device=flat.device) * (n - 1)) // max(k - 1, 1) if n else None
         vals = flat[idx].to("cpu", torch.bfloat16).view(torch.int16) if n else torch.zeros(0, dtype=torch.int16)
         h.update(f"{name}:{tuple(p.shape)}:".encode())
         h.update(vals.numpy().tobytes())

@@ -1,0 +1,386 @@
+"""The end-to-end experiment as stages: load -> calibrate -> evaluate -> trace -> compile -> simulate.
+
+One *point* is one schedule (an algorithm and its knob) taken through every stage; it becomes
+one row (accuracy, sparsity, energy and latency per token, dense and sparse). ``experiments.run``
+runs one point in detail and a small curve around it; ``experiments.sweep`` runs grids of points
+in parallel. Both share :class:`Setup` (everything a point depends on besides its algorithm),
+:class:`Context` (what a process loads once: model, data, chip) and the on-disk point cache:
+``<out>/points/<key>.json``, written atomically, keyed by a hash of the setup, the algorithm and
+its parameters, so an interrupted run or sweep resumes where it stopped.
+
+Timings (calibration cost, wall time) are kept out of the rows and written to a separate
+``timings.csv``, so results of a resumed run equal those of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+ASSETS = Path(__file__).resolve().parent.parent / "rllm" / "assets"
+CODE_VERSION = 1  # bump when a change of this module changes the rows
+LN105 = math.log(1.05)
+
+KNOB = {"sequential": "tolerance", "paper": "tolerance", "uniform": "sparsity", "teal": "sparsity",
+        "cats": "sparsity", "finetune": "sparsity"}
+# The energy-vs-accuracy curve of the default run: every algorithm at a few knob values.
+DEFAULT_CURVE = {"sequential": (0.006, 0.03), "uniform": (0.4, 0.55, 0.7), "cats": (0.4, 0.55, 0.7),
+                 "teal": (0.4, 0.55, 0.7)}
+
+
+class ExperimentError(ValueError):
+    """Bad input to an experiment: printed as one line by the CLIs (exit code 2)."""
+
+
+# ------------------------------------------------------------------------------------------
+# Atomic files
+# ------------------------------------------------------------------------------------------
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_csv(path: str | os.PathLike, df) -> Path:
+    return atomic_write_text(path, df.to_csv(index=False))
+
+
+def atomic_savefig(fig, path: str | os.PathLike, **kw) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, **kw)
+    os.replace(tmp, path)
+    return path
+
+
+def check_writable(directory: str | os.PathLike) -> Path:
+    d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=d, prefix=".probe-", delete=True)
+        probe.close()
+    except OSError as e:
+        raise ExperimentError(f"{d}: output directory is not writable ({e.strerror or e}); pass --out DIR "
+                              "somewhere you can write") from None
+    return d
+
+
+# ------------------------------------------------------------------------------------------
+# Setup and context
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything a point's numbers depend on, besides the algorithm and its knob."""
+
+    model: str = "rwkv_tiny"
+    weights: str | None = None
+    random_weights: bool = False
+    arch: str | None = None            # path of an architecture TOML (None: the shipped seneca.toml)
+    device: str = "cpu"
+    calib_tokens: int = 2048           # calibration tokens, as sequences of seq_len
+    seq_len: int = 128
+    eval_tokens: int = 8192            # held-out perplexity tokens
+    cloze_items: int = 150
+    mc_items: int = 100
+    tasks: tuple[str, ...] = ()        # extra multiple-choice / cloze jsonl files
+    sim_tokens: int = 256              # tokens of the event trace run on the chip
+    seed: int = 0
+
+    def key(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("device")  # results do not depend on where they were computed (up to float rounding)
+        return d
+
+
+def point_key(setup: Setup, algorithm: str, params: Mapping[str, Any], arch_fp: str) -> str:
+    blob = json.dumps({"v": CODE_VERSION, "setup": setup.key(), "alg": algorithm, "params": dict(params),
+                       "arch": arch_fp}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _data_file(loaded, name: str) -> Path | None:
+    src = Path(loaded.source)
+    for d in (src if src.is_dir() else src.parent, ASSETS / loaded.name):
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+@dataclass
+class Context:
+    """What one process loads once for a setup: the model, its data and the chip."""
+
+    setup: Setup
+    model: Any
+    tokenizer: Any
+    name: str
+    kind: str                               # "rwkv" or "opt"
+    calib: torch.Tensor                     # [N, seq_len + 1]
+    calib_desc: str
+    eval_ids: list[int] | None
+    cloze: list | None
+    tasks: dict[str, list] = field(default_factory=dict)
+    arch: Any = None
+    sim_ids: np.ndarray | None = None
+    _programs: dict = field(default_factory=dict)
+    _teal: Any = None
+    dense_calib_loss: float | None = None
+
+    @classmethod
+    def load(cls, setup: Setup) -> "Context":
+        from rllm.evaluate import load_task
+        from rllm.weights import ModelLoadError, load_model
+        from seneca_sim.arch import ArchError, default_arch, load_arch
+        from thresholds.calibrate import load_calib_tokens
+
+        try:
+            arch = load_arch(setup.arch) if setup.arch else default_arch()
+        except (ArchError, OSError) as e:
+            raise ExperimentError(str(e).splitlines()[0]) from None
+        if setup.random_weights:
+            return cls._random(setup, arch)
+        try:
+            lm = load_model(setup.model, weights=setup.weights, device=setup.device)
+        except ModelLoadError as e:
+            raise ExperimentError(f"{e} -- or run the hardware study on the real shapes with --random-weights") from None
+        model, tok = lm.model.eval(), lm.tokenizer
+        kind = "opt" if hasattr(model, "hf") else "rwkv"
+        calib_path, eval_path = _data_file(lm, "calib.txt"), _data_file(lm, "eval.txt")
+        if tok is None or calib_path is None or eval_path is None:
+            raise ExperimentError(f"{lm.name}: needs a tokenizer, calib.txt and eval.txt beside its weights "
+                                  f"({lm.source}); add them, or use --random-weights for a hardware-only study")
+        ids = load_calib_tokens(calib_path, tok)
+        L = setup.seq_len + 1
+        n = min(setup.calib_tokens // setup.seq_len, ids.numel() // L)
+        if n < 1:
+            raise ExperimentError(f"{calib_path}: fewer than {L} tokens; it cannot calibrate")
+        calib = ids[: n * L].reshape(n, L)
+        eval_ids = load_calib_tokens(eval_path, tok)[: setup.eval_tokens].tolist()
+        cz = _data_file(lm, "cloze.jsonl")
+        cloze = load_task(cz, "lambada")[: setup.cloze_items] if cz is not None and setup.cloze_items else None
+        tasks = {}
+        mc = _data_file(lm, "mc.jsonl")
+        if mc is not None and setup.mc_items:
+            tasks["mc"] = load_task(mc)[: setup.mc_items]
+        for t in setup.tasks:
+            p = Path(t)
+            if not p.is_file():
+                raise ExperimentError(f"{p}: task file not found; pass an lm-eval style jsonl file")
+            try:
+                tasks[p.stem] = load_task(p)
+            except (ValueError, KeyError) as e:
+                raise ExperimentError(f"{p}: {e}") from None
+        sim = np.asarray(load_calib_tokens(eval_path, tok)[: setup.sim_tokens].tolist(), dtype=np.int64)
+        return cls(setup=setup, model=model, tokenizer=tok, name=lm.name, kind=kind, calib=calib,
+                   calib_desc=f"calib.txt ({lm.name}), {n} x {L} tokens", eval_ids=eval_ids, cloze=cloze,
+                   tasks=tasks, arch=arch, sim_ids=sim)
+
+    @classmethod
+    def _random(cls, setup: Setup, arch) -> "Context":
+        from rllm import zoo
+        from rllm.model import RWKV, randomize_weights
+        from rllm.weights import ModelLoadError
+        try:
+            entry = zoo.get_entry(setup.model)
+        except ModelLoadError as e:
+            raise ExperimentError(str(e)) from None
+        cfg = entry.rwkv_config()
+        if cfg is None:
+            raise ExperimentError(f"--random-weights needs an RWKV zoo model with a published shape "
+                                  f"(rwkv_169m, rwkv_430m, rwkv_1b5), not {setup.model}")
+        model = randomize_weights(RWKV(cfg), seed=setup.seed).eval().to(setup.device)
+        g = torch.Generator().manual_seed(setup.seed)
+        L = setup.seq_len + 1
+        n = max(1, setup.calib_tokens // setup.seq_len)
+        calib = torch.randint(0, cfg.vocab_size, (n, L), generator=g)
+        sim = torch.randint(0, cfg.vocab_size, (setup.sim_tokens,), generator=g).numpy()
+        return cls(setup=setup, model=model, tokenizer=None, name=f"{entry.name} [RANDOM WEIGHTS]", kind="rwkv",
+                   calib=calib, calib_desc=f"random tokens (seed {setup.seed}), {n} x {L}", eval_ids=None,
+                   cloze=None, arch=arch, sim_ids=sim)
+
+    # --- stages ---------------------------------------------------------------------------
+    def calib_loss(self) -> float:
+        if self.dense_calib_loss is None:
+            from thresholds._core import dense_loss
+            self.dense_calib_loss = float(dense_loss(self.model, self.calib, torch.device(self.setup.device)))
+        return self.dense_calib_loss
+
+    def schedule(self, algorithm: str, params: Mapping[str, Any], progress: bool = False):
+        from thresholds import teal_trajectory
+        from thresholds.calibrate import calibrate
+        extra = {}
+        if algorithm == "teal":
+            if self._teal is None:
+                self._teal = teal_trajectory(self.model, self.calib, greedy_tokens=512, device=self.setup.device,
+                                             progress=progress)
+            extra["trajectory"] = self._teal
+        try:
+            return calibrate(self.model, self.calib, algorithm, model_name=self.name, calib_description=self.calib_desc,
+                             device=self.setup.device, progress=progress, **dict(params), **extra)
+        except (ValueError, TypeError) as e:
+            raise ExperimentError(f"{algorithm}: {e}") from None
+
+    def evaluate(self, thresholds) -> dict:
+        """Held-out accuracy and sparsity under ``thresholds`` (empty for random weights)."""
+        from rllm.evaluate import cloze_accuracy, multiple_choice, perplexity
+        from rllm.events import SparsityMeter, summarize
+        if self.eval_ids is None:
+            return {}
+        dev = self.setup.device
+        with SparsityMeter(self.model) as meter:
+            ppl = perplexity(self.model, self.tokenizer, self.eval_ids, thresholds=thresholds, ctx=self.setup.seq_len,
+                             device=dev, progress=False)
+        s = summarize(meter.table())
+        blk = meter.table()
+        blk = blk[blk.site != "head"]
+        w = blk.macs / blk.macs.sum()
+        row = {"ppl": ppl.ppl, "eval_sparsity_mac": s["sparsity_mac_weighted"], "eval_sparsity_mean": s["sparsity_mean"],
+               "eval_added_mac": float((blk.added * w).sum())}
+        if self.cloze:
+            cz = cloze_accuracy(self.model, self.tokenizer, self.cloze, thresholds=thresholds, device=dev, progress=False)
+            row["cloze_acc"] = cz.acc
+        for name, items in self.tasks.items():
+            if items and hasattr(items[0], "choices"):
+                row[f"{name}_acc"] = multiple_choice(self.model, self.tokenizer, items, thresholds=thresholds,
+                                                     device=dev, progress=False).acc
+            elif items:
+                row[f"{name}_acc"] = cloze_accuracy(self.model, self.tokenizer, items, thresholds=thresholds,
+                                                    device=dev, progress=False).acc
+        return row
+
+    def program(self, schedule):
+        """The chip program for this model (compiled once per schedule's sparsity profile)."""
+        from compiler import CompileError, compile
+        key = json.dumps({n: round(v["sparsity"], 3) for n, v in (schedule.sparsity or {}).items()}, sort_keys=True)
+        if key not in self._programs:
+            try:
+                self._programs[key] = compile(self.model, self.arch, schedule)
+            except CompileError as e:
+                raise ExperimentError(str(e).splitlines()[0]) from None
+        return self._programs[key]
+
+    def simulate(self, schedule):
+        """Trace the simulation tokens under ``schedule`` and count them on the chip: a Report."""
+        from rllm.events import trace
+        from seneca_sim import simulate
+        prog = self.program(schedule)
+        tr = trace(self.model, self.sim_ids, schedule.thresholds, name=self.name)
+        natural = trace(self.model, self.sim_ids, {n: 0.0 for n in self.model.sites}, name=self.name)
+        return simulate(prog, tr, self.arch, natural=natural)
+
+
+# ------------------------------------------------------------------------------------------
+# Points
+# ------------------------------------------------------------------------------------------
+
+def resolve_knob(ctx: Context, algorithm: str, knob: float | None) -> dict:
+    """The algorithm's parameters for a knob value (None: the default operating point)."""
+    if algorithm not in KNOB:
+        raise ExperimentError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(KNOB)}")
+    name = KNOB[algorithm]
+    if knob is None:
+        if name == "tolerance":
+            # the budget that keeps the calibration perplexity within 5% of dense
+            knob = round(LN105 / ctx.calib_loss(), 5) if algorithm == "sequential" else 5e-4
+        else:
+            knob = 0.6
+    knob = float(knob)
+    if not math.isfinite(knob) or knob < 0 or (name == "sparsity" and knob >= 1):
+        raise ExperimentError(f"{algorithm}: --{name} must be " + ("in [0, 1)" if name == "sparsity" else ">= 0")
+                              + f", got {knob}")
+    params = {name: knob}
+    if algorithm in ("uniform", "cats"):
+        params["target"] = "mac"
+    return params
+
+
+def run_point(ctx: Context, algorithm: str | None, params: Mapping[str, Any] | None, *, schedule=None,
+              progress: bool = False) -> tuple[dict, dict, Any, Any]:
+    """One point through every stage: (row, timings, schedule, report or None)."""
+    t0 = time.perf_counter()
+    if schedule is None:
+        schedule = ctx.schedule(algorithm, params, progress=progress)
+    t1 = time.perf_counter()
+    s = schedule.summary
+    row = {"model": ctx.name, "algorithm": algorithm or schedule.algorithm,
+           "knob": KNOB.get(algorithm or schedule.algorithm, "schedule"),
+           "knob_value": (params or {}).get(KNOB.get(algorithm or "", ""), float("nan")),
+           "sparsity_mac": s.get("sparsity_mac_weighted"), "sparsity_mean": s.get("sparsity_mean"),
+           "natural_mac": s.get("natural_mac_weighted"), "added_mac": s.get("added_mac_weighted"),
+           "calib_loss": s.get("loss"), "dense_calib_loss": s.get("dense_loss")}
+    row.update(ctx.evaluate(schedule.thresholds))
+    t2 = time.perf_counter()
+    report = None
+    if ctx.kind == "rwkv":
+        report = ctx.simulate(schedule)
+        r = report.summary()
+        row.update({"energy_uJ": r["energy_uJ_per_token"], "latency_us": r["latency_us_per_token"],
+                    "dense_energy_uJ": r["dense_energy_uJ_per_token"], "dense_latency_us": r["dense_latency_us_per_token"],
+                    "energy_gain": r["energy_gain_vs_dense"], "latency_gain": r["latency_gain_vs_dense"],
+                    "chip_mac_sparsity": r["mac_sparsity"], "cores": r["cores"], "chips": r["chips"]})
+    t3 = time.perf_counter()
+    timings = {"algorithm": row["algorithm"], "knob_value": row["knob_value"], "calib_cost_s": schedule.cost_s,
+               "calib_cached": bool(schedule.extra.get("cache", {}).get("hit")), "calibrate_s": t1 - t0,
+               "evaluate_s": t2 - t1, "simulate_s": t3 - t2}
+    return row, timings, schedule, report
+
+
+def dense_row(ctx: Context) -> dict:
+    """The dense model (every threshold 0) as a row: the reference of every gain."""
+    from thresholds._core import build_schedule, calibrating
+    with calibrating(ctx.model, ctx.setup.device) as dev:
+        sched = build_schedule(ctx.model, ctx.calib, {n: 0.0 for n in ctx.model.sites}, algorithm="dense", params={},
+                               calib_description=ctx.calib_desc, t0=time.perf_counter(), device=dev, model_name=ctx.name)
+    row, _, _, _ = run_point(ctx, None, None, schedule=sched)
+    row.update(algorithm="dense", knob="", knob_value=0.0)
+    if "energy_uJ" in row:  # dense = every activation an event; threshold 0 (natural zeros silent) kept beside
+        row.update(natural_energy_uJ=row["energy_uJ"], natural_latency_us=row["latency_us"],
+                   energy_uJ=row["dense_energy_uJ"], latency_us=row["dense_latency_us"], energy_gain=1.0,
+                   latency_gain=1.0)
+    return row
+
+
+class PointStore:
+    """``<root>/points/<key>.json``: finished points, written atomically; a sweep skips them."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.dir = Path(root) / "points"
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        p = self.path(key)
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None  # a torn file from another writer: recompute
+
+    def put(self, key: str, record: dict) -> None:
+        atomic_write_text(self.path(key), json.dumps(record, indent=1, default=float))
+
+
+def grid(algorithms: Iterable[str], knobs: Mapping[str, Iterable[float]]) -> list[tuple[str, float]]:
+    return [(a, float(k)) for a in algorithms for k in knobs[a]]

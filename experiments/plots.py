@@ -1,0 +1,161 @@
+"""Plots of an experiment's results (matplotlib, Agg backend; every file written atomically).
+
+* :func:`energy_vs_accuracy`: held-out perplexity (and cloze accuracy) against simulated energy
+  per token, one line per algorithm, the dense model marked;
+* :func:`sparsity_by_site`: per-layer sparsity of each site kind (held-out text), natural zeros
+  shaded;
+* :func:`energy_breakdown`: energy per token by layer and by action, sparse beside dense;
+* :func:`latency_breakdown`: cycles per token by layer, sparse beside dense.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from experiments.pipeline import atomic_savefig
+
+STYLE = {"sequential": ("C0", "o"), "paper": ("C1", "s"), "uniform": ("C2", "^"), "teal": ("C3", "D"),
+         "cats": ("C4", "v"), "finetune": ("C6", "P"), "schedule": ("C7", "*")}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _title(model: str) -> str:
+    return model + ("  (RANDOM WEIGHTS: hardware study only)" if "RANDOM" in model else "")
+
+
+def energy_vs_accuracy(df: pd.DataFrame, path: str | Path, model: str, highlight: dict | None = None) -> Path:
+    """``df``: rows of :func:`experiments.pipeline.run_point` (with a ``dense`` row)."""
+    plt = _plt()
+    has_acc = "ppl" in df and df["ppl"].notna().any()
+    has_cloze = "cloze_acc" in df and df["cloze_acc"].notna().any()
+    ncol = 1 + int(has_cloze)
+    fig, axes = plt.subplots(1, ncol, figsize=(6.2 * ncol, 4.6), squeeze=False)
+    axes = axes[0]
+    ycols = [("ppl", "held-out perplexity (lower is better)")] if has_acc else \
+        [("sparsity_mac", "MAC-weighted activation sparsity")]
+    if has_cloze:
+        ycols.append(("cloze_acc", "cloze last-word accuracy"))
+    dense = df[df.algorithm == "dense"]
+    for ax, (col, label) in zip(axes, ycols):
+        for alg, g in df[df.algorithm != "dense"].groupby("algorithm", sort=False):
+            g = g.sort_values("energy_uJ")
+            c, mk = STYLE.get(alg, ("k", "x"))
+            ax.plot(g.energy_uJ, g[col], marker=mk, color=c, label=alg)
+        if len(dense):
+            ax.scatter(dense.energy_uJ, dense[col], marker="X", s=90, color="k", zorder=5, label="dense")
+        if highlight is not None and col in highlight:
+            ax.scatter([highlight["energy_uJ"]], [highlight[col]], s=220, facecolors="none", edgecolors="r",
+                       zorder=6, label="this run")
+        ax.set_xlabel("simulated energy per token on the chip (µJ)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{_title(model)}: accuracy vs energy per token (SENECA-like chip)")
+    fig.tight_layout()
+    out = atomic_savefig(fig, path, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def _kind(site: str) -> tuple[int, str]:
+    parts = site.split(".")
+    return int(parts[1]), ".".join(parts[2:])
+
+
+def sparsity_by_site(sites: pd.DataFrame, path: str | Path, model: str) -> Path:
+    """``sites``: SparsityMeter table (site, sparsity, natural) of the held-out run."""
+    plt = _plt()
+    t = sites[sites.site.str.match(r"^(blocks|layers)\.\d+\.")].copy()
+    t["layer"], t["kind"] = zip(*t.site.map(_kind))
+    kinds = list(dict.fromkeys(t.kind))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * t.layer.nunique() + 4), 4.6))
+    layers = sorted(t.layer.unique())
+    w = 0.8 / len(kinds)
+    for j, k in enumerate(kinds):
+        g = t[t.kind == k].set_index("layer").reindex(layers)
+        x = np.arange(len(layers)) + (j - (len(kinds) - 1) / 2) * w
+        ax.bar(x, 100 * g.sparsity, width=w, color=f"C{j}", label=k)
+        ax.bar(x, 100 * g.natural, width=w, color="none", edgecolor="k", hatch="//", linewidth=0)
+    ax.set_xticks(np.arange(len(layers)), [str(l) for l in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("activations sending no event (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{_title(model)}: sparsity per site on held-out text (hatched: natural zeros)")
+    ax.legend(fontsize=8, ncol=min(4, len(kinds)), loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out = atomic_savefig(fig, path, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def energy_breakdown(sparse, dense, path: str | Path, model: str) -> Path:
+    """``sparse``/``dense``: seneca_sim Reports of the same program."""
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    ls, ld = sparse.by_layer(), dense.by_layer()
+    ps = ls.groupby("layer").energy_pJ.sum() / 1e6
+    pd_ = ld.groupby("layer").energy_pJ.sum() / 1e6
+    idx = sorted(set(ps.index) | set(pd_.index))
+    x = np.arange(len(idx))
+    a1.bar(x - 0.2, pd_.reindex(idx, fill_value=0), 0.4, color="0.6", label="dense")
+    a1.bar(x + 0.2, ps.reindex(idx, fill_value=0), 0.4, color="C0", label="event-based (thresholded)")
+    n_layer = int(sparse.meta["n_layer"])
+    a1.set_xticks(x, [str(i) if i < n_layer else "head" for i in idx])
+    a1.set_xlabel("layer")
+    a1.set_ylabel("energy per token (µJ)")
+    a1.set_title("by layer")
+    a1.legend(fontsize=8)
+    bs, bd = sparse.by_action().set_index("action"), dense.by_action().set_index("action")
+    acts = [a for a in bd.index if bd.energy_pJ.get(a, 0) > 0 or bs.energy_pJ.get(a, 0) > 0]
+    y = np.arange(len(acts))
+    a2.barh(y + 0.2, bd.energy_pJ.reindex(acts) / 1e6, 0.4, color="0.6", label="dense")
+    a2.barh(y - 0.2, bs.energy_pJ.reindex(acts) / 1e6, 0.4, color="C0", label="event-based")
+    a2.set_yticks(y, acts)
+    a2.invert_yaxis()
+    a2.set_xlabel("energy per token (µJ)")
+    a2.set_title("by action")
+    for ax in (a1, a2):
+        ax.grid(alpha=0.3)
+    e_s, e_d = sparse.energy_pj().mean() / 1e6, dense.energy_pj().mean() / 1e6
+    fig.suptitle(f"{_title(model)}: energy per token {e_s:.3g} µJ vs dense {e_d:.3g} µJ ({e_d / e_s:.2f}x)")
+    fig.tight_layout()
+    out = atomic_savefig(fig, path, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def latency_breakdown(sparse, dense, path: str | Path, model: str) -> Path:
+    plt = _plt()
+    us = 1e6 / sparse.meta["clock_hz"]
+
+    def per_layer(r):
+        c = r.cycles()
+        return c.groupby("layer").cycles.sum() / r.n_tokens * us
+
+    s, d = per_layer(sparse), per_layer(dense)
+    idx = sorted(set(s.index) | set(d.index))
+    x = np.arange(len(idx))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.5 * len(idx) + 4), 4.6))
+    ax.bar(x - 0.2, d.reindex(idx, fill_value=0), 0.4, color="0.6", label="dense")
+    ax.bar(x + 0.2, s.reindex(idx, fill_value=0), 0.4, color="C0", label="event-based (thresholded)")
+    n_layer = int(sparse.meta["n_layer"])
+    ax.set_xticks(x, [str(i) if i < n_layer else "head" for i in idx])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("latency per token (µs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ls, ld = sparse.latency_cycles().mean() * us, dense.latency_cycles().mean() * us
+    ax.set_title(f"{_title(model)}: latency per token {ls:.4g} µs vs dense {ld:.4g} µs ({ld / ls:.2f}x)")
+    fig.tight_layout()
+    out = atomic_savefig(fig, path, dpi=130)
+    plt.close(fig)
+    return out

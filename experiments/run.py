@@ -1,0 +1,309 @@
+"""``python -m experiments.run MODEL``: the whole experiment on one model, with one summary table.
+
+Stages (each cached, so a rerun with the same inputs only redoes what changed):
+
+1. load the model (zoo name or checkpoint path; ``--random-weights`` builds the published
+   shape with random weights for hardware studies, labelled in every output);
+2. calibrate a threshold schedule (``--algorithm``, ``--tolerance``/``--sparsity``) or take
+   ``--schedule FILE``;
+3. evaluate dense and thresholded: held-out perplexity, cloze accuracy and any multiple-choice
+   tasks, with the sparsity they produce (plain and MAC-weighted mean over sites);
+4. trace the events of ``--tokens`` held-out tokens, compile the model for the chip
+   (``--arch``) and count both runs on it: energy and latency per token, dense vs sparse;
+5. unless ``--no-curve``, a small energy-vs-accuracy curve: the sequential method and the
+   baselines at a few knob values (the points are cached under ``OUT/points``).
+
+Results go to ``--out`` (default ``results/MODEL``): the schedule, ``config.json`` (the exact
+settings; ``--config`` replays it), CSV tables, ``summary.md`` and the plots. Bad input (unknown
+model, malformed schedule or arch, unwritable output, a model that does not fit) is one line on
+stderr and exit code 2; results already there are left as they were.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from experiments import pipeline as P
+
+DEFAULTS = P.Setup()
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", default="rwkv_tiny",
+                    help="rwkv_tiny (default, shipped), rwkv_169m, rwkv_430m, rwkv_1b5, opt_125m, ... or a checkpoint path")
+    ap.add_argument("--algorithm", "-a", default="sequential", choices=list(P.KNOB))
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--tolerance", type=float, help="sequential/paper: relative calibration-loss budget "
+                   "(default: the budget that keeps calibration perplexity within 5%% of dense)")
+    g.add_argument("--sparsity", type=float, help="uniform/teal/cats/finetune: MAC-weighted target (default 0.6)")
+    g.add_argument("--schedule", help="use this schedule JSON instead of calibrating")
+    ap.add_argument("--arch", help="architecture TOML (default: the shipped seneca.toml)")
+    ap.add_argument("--weights", help="weights path for a zoo name")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="random weights on the published shape: hardware numbers only, accuracy is meaningless")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (calibration and evaluation)")
+    ap.add_argument("--tokens", type=int, default=DEFAULTS.sim_tokens, help="held-out tokens simulated on the chip")
+    ap.add_argument("--eval-tokens", type=int, default=DEFAULTS.eval_tokens, help="held-out perplexity tokens")
+    ap.add_argument("--calib-tokens", type=int, default=DEFAULTS.calib_tokens, help="calibration tokens")
+    ap.add_argument("--cloze-items", type=int, default=DEFAULTS.cloze_items)
+    ap.add_argument("--mc-items", type=int, default=DEFAULTS.mc_items, help="items of the shipped mc.jsonl")
+    ap.add_argument("--task", action="append", default=[], help="extra lm-eval style jsonl task (repeatable)")
+    ap.add_argument("--no-curve", action="store_true", help="skip the energy-vs-accuracy curve of all algorithms")
+    ap.add_argument("--curve", nargs="+", metavar="ALG:K1,K2",
+                    default=[f"{k}:{','.join(map(str, v))}" for k, v in P.DEFAULT_CURVE.items()],
+                    help="the curve's points: algorithm:knob values (default %(default)s)")
+    ap.add_argument("--out", help="results directory (default results/MODEL)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", help="replay the settings of a config.json written by an earlier run")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def parse_curve(spec: list[str]) -> list[tuple[str, float]]:
+    pts = []
+    for item in spec:
+        alg, _, vals = item.partition(":")
+        if alg not in P.KNOB or not vals:
+            raise P.ExperimentError(f"--curve {item!r}: expected ALGORITHM:V1,V2,... with an algorithm of "
+                                    f"{', '.join(P.KNOB)}")
+        try:
+            pts += [(alg, float(v)) for v in vals.split(",")]
+        except ValueError:
+            raise P.ExperimentError(f"--curve {item!r}: knob values must be numbers") from None
+    return pts
+
+
+def _fmt(v, spec=".3f"):
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def summary_table(dense: dict, sparse: dict, setup: P.Setup) -> pd.DataFrame:
+    rows = [("MAC-weighted sparsity (held-out)", "eval_sparsity_mac", ".3f"),
+            ("mean sparsity over sites (held-out)", "eval_sparsity_mean", ".3f"),
+            ("  added beyond natural zeros (MAC-w.)", "eval_added_mac", ".3f"),
+            ("perplexity (held-out)", "ppl", ".3f"), ("cloze accuracy", "cloze_acc", ".3f")]
+    rows += [(f"{k[:-4]} accuracy", k, ".3f") for k in sparse if k.endswith("_acc") and k != "cloze_acc"]
+    rows += [("energy per token (uJ)", "energy_uJ", ".4g"), ("latency per token (us)", "latency_us", ".4g"),
+             ("cores / chips", None, None)]
+    out = []
+    for label, key, spec in rows:
+        if key is None:
+            out.append((label, f"{sparse.get('cores', 'n/a')} / {sparse.get('chips', 'n/a')}",
+                        f"{dense.get('cores', 'n/a')} / {dense.get('chips', 'n/a')}", ""))
+            continue
+        if key not in sparse and key not in dense:
+            continue
+        d, s = dense.get(key), sparse.get(key)
+        gain = ""
+        if key in ("energy_uJ", "latency_us") and s:
+            gain = f"{d / s:.2f}x"
+        elif key == "ppl" and d:
+            gain = f"{100 * (s / d - 1):+.2f}%"
+        out.append((label, _fmt(s, spec), _fmt(d, spec), gain))
+    return pd.DataFrame(out, columns=["", "event-based", "dense", "change"])
+
+
+def main(argv=None) -> int:
+    ap = parser()
+    a = ap.parse_args(argv)
+    try:
+        return _main(a)
+    except P.ExperimentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished points are kept under OUT/points; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+def _main(a) -> int:
+    import torch
+    from thresholds import Schedule, ScheduleError
+
+    if a.config:
+        try:
+            cfg = json.loads(Path(a.config).read_text())
+            setup = P.Setup(**{**cfg["setup"], "tasks": tuple(cfg["setup"].get("tasks", ()))})
+            a.algorithm, knob = cfg["algorithm"], cfg.get("knob_value")
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise P.ExperimentError(f"{a.config}: not a config.json of experiments.run ({e})") from None
+        a.tolerance = knob if P.KNOB[a.algorithm] == "tolerance" else None
+        a.sparsity = knob if P.KNOB[a.algorithm] == "sparsity" else None
+    else:
+        setup = P.Setup(model=a.model, weights=a.weights, random_weights=a.random_weights, arch=a.arch, device=a.device,
+                        calib_tokens=a.calib_tokens, eval_tokens=a.eval_tokens, cloze_items=a.cloze_items,
+                        mc_items=a.mc_items, tasks=tuple(a.task), sim_tokens=a.tokens, seed=a.seed)
+    for name in ("sim_tokens", "eval_tokens", "calib_tokens"):
+        if getattr(setup, name) < 1:
+            raise P.ExperimentError(f"--{name.replace('_', '-')} must be positive, got {getattr(setup, name)}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise P.ExperimentError("--device cuda: no CUDA device is visible here; use --device cpu")
+    if a.algorithm == "sequential" or a.algorithm == "paper":
+        if a.sparsity is not None:
+            raise P.ExperimentError(f"{a.algorithm} takes --tolerance (a loss budget), not --sparsity")
+        knob = a.tolerance
+    else:
+        if a.tolerance is not None:
+            raise P.ExperimentError(f"{a.algorithm} takes --sparsity (a target), not --tolerance")
+        knob = a.sparsity
+    out = P.check_writable(a.out or Path("results") / Path(setup.model).name.replace(":", "_"))
+    progress = not a.quiet
+    t_start = time.perf_counter()
+
+    ctx = P.Context.load(setup)
+    torch.manual_seed(setup.seed)
+    m = ctx.model
+    cfg = m.config
+    banner = f"{ctx.name}: {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}"
+    if setup.random_weights:
+        banner += "\n*** RANDOM WEIGHTS: energy and latency are real for this shape; accuracy is not measured ***"
+    print(banner, flush=True)
+    print(f"calibration: {ctx.calib_desc}" + (f"; held-out: {len(ctx.eval_ids)} tokens, "
+          f"{len(ctx.cloze or [])} cloze items" if ctx.eval_ids else ""), flush=True)
+
+    # --- the schedule -------------------------------------------------------------------------
+    if a.schedule:
+        try:
+            schedule = Schedule.load(a.schedule, model=m)
+        except ScheduleError as e:
+            raise P.ExperimentError(str(e)) from None
+        algorithm, params = schedule.algorithm, dict(schedule.params)
+        print(f"schedule: {a.schedule} ({algorithm})", flush=True)
+    else:
+        algorithm = a.algorithm
+        if setup.random_weights and algorithm in ("sequential", "paper") and knob is None:
+            algorithm = "uniform"  # a loss budget means nothing without a trained model
+            print("random weights: thresholds from a uniform 60% MAC-weighted target (pass --schedule or "
+                  "--sparsity to change)", flush=True)
+        params = P.resolve_knob(ctx, algorithm, knob)
+        print(f"calibrating: {algorithm} {params}", flush=True)
+        schedule = ctx.schedule(algorithm, params, progress=progress)
+    print("dense run ...", flush=True)
+    dense = P.dense_row(ctx)
+    print("event-based run ...", flush=True)
+    row, timing, schedule, report = P.run_point(ctx, algorithm, params, schedule=schedule)
+
+    # --- the curve ----------------------------------------------------------------------------
+    curve_rows, timings = [], [timing]
+    if not a.no_curve and ctx.eval_ids is not None:
+        store = P.PointStore(out)
+        fp = ctx.arch.fingerprint()
+        pts = parse_curve(a.curve)
+        from tqdm.auto import tqdm
+        for alg, k in tqdm(pts, desc="energy-vs-accuracy curve", disable=not progress, dynamic_ncols=True):
+            prm = P.resolve_knob(ctx, alg, k)
+            key = P.point_key(setup, alg, prm, fp)
+            rec = store.get(key)
+            if rec is None:
+                r, t, _, _ = P.run_point(ctx, alg, prm)
+                rec = {"row": r, "timing": t}
+                store.put(key, rec)
+            curve_rows.append(rec["row"])
+            timings.append(rec["timing"])
+
+    # --- outputs ------------------------------------------------------------------------------
+    write_results(out, ctx, setup, a, algorithm, params, schedule, dense, row, report, curve_rows, timings)
+    table = summary_table(dense, row, setup)
+    with pd.option_context("display.width", 160, "display.max_colwidth", 60):
+        print()
+        print(f"{ctx.name}: {algorithm} {params}")
+        print(table.to_string(index=False))
+    if report is not None:
+        s = report.summary()
+        print(f"chip: {s['cores']} cores on {s['chips']} chip(s); the simulated trace: {s['tokens']} tokens")
+    print(f"results in {out}/ ({time.perf_counter() - t_start:.0f} s)")
+    return 0
+
+
+def write_results(out: Path, ctx, setup, a, algorithm, params, schedule, dense, row, report, curve_rows, timings):
+    from experiments import plots
+    from rllm.events import SparsityMeter
+    from rllm.evaluate import perplexity
+
+    label = " [RANDOM WEIGHTS]" if setup.random_weights else ""
+    schedule.save(out / "schedule.json")
+    config = {"setup": {**setup.__dict__, "tasks": list(setup.tasks)}, "algorithm": algorithm,
+              "knob": P.KNOB.get(algorithm, "schedule"), "knob_value": params.get(P.KNOB.get(algorithm, ""), None),
+              "schedule_file": a.schedule, "command": "python -m experiments.run " + " ".join(sys.argv[1:])}
+    P.atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str))
+    points = pd.DataFrame([dense, row] + curve_rows)
+    points.insert(1, "point", ["dense", "this run"] + ["curve"] * len(curve_rows))
+    P.atomic_write_csv(out / "points.csv", points)
+    P.atomic_write_csv(out / "timings.csv", pd.DataFrame(timings))
+    P.atomic_write_csv(out / "schedule_sites.csv", schedule.table())
+
+    # per-site sparsity on held-out text (or on the simulated tokens for random weights)
+    import torch
+    with SparsityMeter(ctx.model) as meter:
+        if ctx.eval_ids is not None:
+            perplexity(ctx.model, ctx.tokenizer, ctx.eval_ids[:4096], thresholds=schedule.thresholds,
+                       ctx=setup.seq_len, device=setup.device, progress=False)
+        else:
+            from thresholds._core import calibrating
+            with calibrating(ctx.model, setup.device, zero=False):
+                ctx.model.set_thresholds(schedule.thresholds)
+                ctx.model(torch.as_tensor(ctx.sim_ids[:setup.seq_len]).unsqueeze(0).to(setup.device))
+    sites = meter.table()
+    P.atomic_write_csv(out / "sites.csv", sites)
+    plots.sparsity_by_site(sites, out / "sparsity_by_site.png", ctx.name)
+
+    files = ["schedule.json", "config.json", "points.csv", "sites.csv", "schedule_sites.csv", "timings.csv",
+             "sparsity_by_site.png"]
+    if report is not None:
+        from seneca_sim import simulate
+        dense_rep = simulate(report_program(ctx, schedule), None, ctx.arch, dense=True)
+        report.save(out / "chip")
+        dense_rep.save(out / "chip_dense")
+        by_layer = report.by_layer().assign(run="event-based")
+        by_layer = pd.concat([by_layer, dense_rep.by_layer().assign(run="dense")])
+        P.atomic_write_csv(out / "energy_by_layer.csv", by_layer)
+        P.atomic_write_csv(out / "energy_by_action.csv", report.by_action())
+        from seneca_sim.neurobench import workload_metrics
+        P.atomic_write_csv(out / "neurobench.csv", workload_metrics(report_program(ctx, schedule),
+                                                                    _sim_trace(ctx, schedule)))
+        plots.energy_breakdown(report, dense_rep, out / "energy_breakdown.png", ctx.name)
+        plots.latency_breakdown(report, dense_rep, out / "latency_breakdown.png", ctx.name)
+        files += ["chip/", "chip_dense/", "energy_by_layer.csv", "energy_by_action.csv", "neurobench.csv",
+                  "energy_breakdown.png", "latency_breakdown.png"]
+        if "energy_uJ" in row:
+            plots.energy_vs_accuracy(points, out / "energy_vs_accuracy.png", ctx.name, highlight=row)
+            files.append("energy_vs_accuracy.png")
+
+    table = summary_table(dense, row, setup)
+    md = [f"# {ctx.name}{'' if 'RANDOM' in ctx.name else label}: {algorithm} {params}", ""]
+    if setup.random_weights:
+        md += ["**RANDOM WEIGHTS**: the shapes are the published model's, the weights are not. Energy and "
+               "latency are real for this shape and these thresholds; no accuracy is measured.", ""]
+    md += [f"Command: `{config['command']}`", "", f"Calibration: {ctx.calib_desc}.", ""]
+    md += ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    md += ["| " + " | ".join(str(v) for v in r) + " |" for r in table.itertuples(index=False)]
+    if curve_rows:
+        cols = [c for c in ("algorithm", "knob_value", "sparsity_mac", "eval_sparsity_mac", "ppl", "cloze_acc",
+                            "energy_uJ", "latency_us", "energy_gain", "latency_gain") if c in points]
+        md += ["", "## Energy-vs-accuracy points", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in points[cols].itertuples(index=False):
+            md.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |")
+    md += ["", "Files: " + ", ".join(f"`{f}`" for f in files)]
+    P.atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
+
+
+def report_program(ctx, schedule):
+    return ctx.program(schedule)
+
+
+def _sim_trace(ctx, schedule):
+    from rllm.events import trace
+    return trace(ctx.model, ctx.sim_ids, schedule.thresholds, name=ctx.name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""experiments.run and experiments.sweep end to end, on a small checkpoint the tests write
+(a random 2-layer RWKV-4 with the shipped tokenizer and slices of the shipped texts), so the
+whole pipeline -- calibrate, evaluate, trace, compile, simulate, plot -- runs in seconds."""
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from experiments import run, sweep
+from rllm.model import RWKV, RWKVConfig, randomize_weights
+from rllm.weights import save_checkpoint
+
+ASSET = Path(__file__).resolve().parents[1] / "rllm" / "assets" / "rwkv_tiny"
+FAST = ["--calib-tokens", "512", "--eval-tokens", "512", "--cloze-items", "4", "--mc-items", "4", "--tokens", "16",
+        "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mini")
+    m = randomize_weights(RWKV(RWKVConfig(vocab_size=4096, n_layer=2, n_embd=32, name="mini")), seed=0)
+    save_checkpoint(m, d, tokenizer=ASSET / "tokenizer.json")
+    (d / "calib.txt").write_text((ASSET / "calib.txt").read_text()[:20000])
+    (d / "eval.txt").write_text((ASSET / "eval.txt").read_text()[:20000])
+    shutil.copy(ASSET / "cloze.jsonl", d / "cloze.jsonl")
+    shutil.copy(ASSET / "mc.jsonl", d / "mc.jsonl")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVENT_RWKV_CACHE", str(tmp_path / "cache"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_run_writes_the_table_the_results_and_every_plot(ckpt, tmp_path, capsys):
+    out = tmp_path / "res"
+    assert run.main([str(ckpt), "--algorithm", "uniform", "--sparsity", "0.5", "--out", str(out)] + CURVE + FAST) == 0
+    text = capsys.readouterr().out
+    for label in ("MAC-weighted sparsity", "perplexity", "energy per token", "latency per token"):
+        assert label in text
+    for f in ("schedule.json", "config.json", "points.csv", "sites.csv", "summary.md", "energy_by_layer.csv",
+              "neurobench.csv", "sparsity_by_site.png", "energy_breakdown.png", "latency_breakdown.png",
+              "energy_vs_accuracy.png", "chip/summary.json", "chip_dense/summary.json"):
+        assert (out / f).is_file(), f
+    pts = pd.read_csv(out / "points.csv")
+    # the curve: the sequential method and three baselines, each at several knob values
+    assert {"sequential", "uniform", "teal", "cats"} <= set(pts.algorithm)
+    this = pts[pts.point == "this run"].iloc[0]
+    dense = pts[pts.point == "dense"].iloc[0]
+    assert this.eval_sparsity_mac > dense.eval_sparsity_mac
+    # the dense reference of each run is its own program's (placement follows the schedule's sparsity)
+    assert this.energy_uJ < dense.energy_uJ and this.dense_energy_uJ == pytest.approx(dense.energy_uJ, rel=1e-3)
+    # a rerun with the same inputs reuses every cached point and gives the same table
+    assert run.main([str(ckpt), "--algorithm", "uniform", "--sparsity", "0.5", "--out", str(out)] + CURVE + FAST) == 0
+    again = pd.read_csv(out / "points.csv")
+    pd.testing.assert_frame_equal(pts, again)
+    # the config replays the run
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["algorithm"] == "uniform" and cfg["knob_value"] == 0.5
+
+
+def test_random_weights_are_labelled_everywhere(tmp_path, capsys):
+    # rwkv_169m's real shape would take minutes on CPU; the zoo's smallest published shape is used
+    out = tmp_path / "rw"
+    code = run.main(["rwkv_169m", "--random-weights", "--sparsity", "0.5", "--algorithm", "uniform",
+                     "--calib-tokens", "128", "--tokens", "4", "--no-curve", "--quiet", "--out", str(out)])
+    assert code == 0
+    assert "RANDOM WEIGHTS" in capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in (out / "summary.md").read_text()
+    assert (out / "energy_breakdown.png").is_file()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["rwkv_tinny"], "unknown model"),
+    (["{ckpt}", "--schedule", "{bad_schedule}"], "schedule"),
+    (["{ckpt}", "--arch", "{bad_arch}"], "a.toml"),
+    (["{ckpt}", "--algorithm", "uniform", "--tolerance", "0.1"], "--sparsity"),
+    (["{ckpt}", "--algorithm", "uniform", "--sparsity", "1.5"], "[0, 1)"),
+])
+def test_bad_input_is_one_line_and_exit_2_and_keeps_results(ckpt, tmp_path, capsys, args, needle):
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "points.csv").write_text("earlier results\n")
+    bad_schedule = tmp_path / "s.json"
+    bad_schedule.write_text('{"version": 1, "thresholds": {"nope": 1.0}}')
+    bad_arch = tmp_path / "a.toml"
+    bad_arch.write_text("[chip]\nmesh = 'x'\n")
+    args = [x.format(ckpt=ckpt, bad_schedule=bad_schedule, bad_arch=bad_arch) for x in args]
+    assert run.main(args + ["--out", str(out), "--no-curve"] + FAST) == 2
+    assert needle in one_line_error(capsys)
+    assert (out / "points.csv").read_text() == "earlier results\n"
+
+
+def test_unwritable_output_is_one_line(ckpt, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert run.main([str(ckpt), "--out", str(blocker / "sub"), "--no-curve"] + FAST) == 2
+    assert "not writable" in one_line_error(capsys)
+
+
+CURVE = ["--curve", "sequential:0.02", "uniform:0.3,0.6", "teal:0.5", "cats:0.4"]
+SWEEP = ["--algorithms", "sequential", "uniform", "cats", "--tolerances", "0.02", "--sparsities", "0.4", "0.6",
+         "--workers", "1"] + FAST
+
+
+def test_an_interrupted_sweep_resumes_and_equals_an_uninterrupted_one(ckpt, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert sweep.main([str(ckpt), "--out", str(a)] + SWEEP) == 0
+    assert sweep.main([str(ckpt), "--out", str(b), "--max-points", "2"] + SWEEP) == 0  # "interrupted" after 2
+    assert len(list((b / "points").glob("*.json"))) == 2
+    before = {p.name: p.stat().st_mtime_ns for p in (b / "points").glob("*.json")}
+    assert sweep.main([str(ckpt), "--out", str(b)] + SWEEP) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (b / "points").glob("*.json")}
+    assert all(after[n] == t for n, t in before.items())  # finished points were not redone
+    assert len(after) == 5
+    assert (a / "sweep.csv").read_text() == (b / "sweep.csv").read_text()
+    assert (b / "energy_vs_accuracy.png").is_file()
+
+
+def test_a_malformed_sweep_file_is_one_line(ckpt, tmp_path, capsys):
+    f = tmp_path / "sweep.json"
+    f.write_text('{"algorithms": ["magic"]}')
+    assert sweep.main([str(ckpt), "--sweep-file", str(f), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown algorithm" in one_line_error(capsys)
