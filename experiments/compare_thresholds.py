@@ -60,6 +60,7 @@ def parse(argv=None):
     p.add_argument("--finetune-steps", type=int, default=20)
     p.add_argument("--finetune-batch", type=int, default=4)
     p.add_argument("--skip", nargs="*", default=[], help="algorithms to leave out")
+    p.add_argument("--seq-params", default="{}", help='extra parameters of the sequential method, JSON (e.g. \'{"objective": "kl"}\')')
     p.add_argument("--threads", type=int, default=1,
                    help="torch and numba threads (1: on a shared CPU, more threads oversubscribe and run slower)")
     p.add_argument("--device", default=None)
@@ -240,7 +241,9 @@ def main(argv=None):
         print(f"targets {skipped} are at or below the natural sparsity: the dense model already meets them")
 
     seq_runs, paper_runs = {}, {}
-    run_seq = lambda k: R.cal("sequential", tolerance=k)
+    import json
+    seq_extra = json.loads(a.seq_params)
+    run_seq = lambda k: R.cal("sequential", tolerance=k, **seq_extra)
     run_paper = lambda k: R.cal("paper", tolerance=k)
     t0 = time.perf_counter()
     tau5 = LN105 / dense_loss  # the budget that keeps calibration ppl within 5%

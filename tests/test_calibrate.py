@@ -82,8 +82,11 @@ def test_more_tolerance_never_less_sparsity(setup, variant):
         s = sequential(m, tok, variant=variant, tolerance=tol, progress=False)
         sp.append(s.summary["sparsity_mac_weighted"])
         losses.append(s.summary["loss_increase"])
-        if variant == "budget":  # the global budget holds on the calibration data
-            assert s.summary["loss_increase"] <= tol + 1e-6
+        if variant == "budget":  # the global budget holds on the calibration data (for the KL objective:
+            # on dense NLL + KL, the quantity it budgets; the NLL itself may differ by noise)
+            assert s.extra["search_loss"] / s.summary["dense_loss"] - 1 <= tol + 1e-6
+            nll = sequential(m, tok, variant=variant, tolerance=tol, objective="nll", progress=False)
+            assert nll.summary["loss_increase"] <= tol + 1e-6
     assert all(b >= a - 1e-9 for a, b in zip(sp, sp[1:])), sp
     assert sp[-1] > sp[0] + 0.05, sp  # the knob does something
 

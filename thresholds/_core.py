@@ -310,8 +310,14 @@ class Stream:
     with the thresholds set on the model when it was advanced.
     """
 
-    def __init__(self, model, tokens: torch.Tensor, device, batch_tokens: int = 8192, horizon: int | None = None):
+    def __init__(self, model, tokens: torch.Tensor, device, batch_tokens: int = 8192, horizon: int | None = None,
+                 objective: str = "nll"):
         self.model = model
+        if objective not in ("nll", "kl"):
+            raise ValueError(f"objective must be 'nll' or 'kl', got {objective!r}")
+        self.objective = objective
+        self.dense_final: list[torch.Tensor] | None = None  # kl: the dense model's residual at the head
+        self.dense_rows: torch.Tensor | None = None
         if horizon is not None and int(horizon) < 1:
             raise ValueError(f"horizon must be >= 1 segment (or None for the exact loss), got {horizon}")
         self.horizon = None if horizon is None else int(horizon)
@@ -342,9 +348,33 @@ class Stream:
         finals = [run_segments(self.model, h, self.seg) for h in self.h]
         if self.horizon is not None:
             self.final = finals
-        per = torch.cat([head_nll(self.model, x, y).cpu() for x, y in zip(finals, self.targets)])
+        if self.objective == "kl" and self.dense_final is None:  # the first call sees the dense model
+            self.dense_final = finals
+            self.dense_rows = torch.cat([head_nll(self.model, x, y).cpu() for x, y in zip(finals, self.targets)])
+        per = torch.cat([self._score(k, x, 1).cpu() for k, x in enumerate(finals)])
         mean = float(per.sum()) / self.n_targets
         return (mean, per) if rows else mean
+
+    def _score(self, k: int, x: torch.Tensor, K: int) -> torch.Tensor:
+        """Per-row score of minibatch ``k`` from the residual at the head (``K`` stacked copies):
+        ``nll``: summed NLL of the targets; ``kl``: the dense model's summed NLL plus the summed
+        KL divergence of the thresholded model's next-token distribution from the dense one's
+        (the same scale, but no noise from which token happened to come next)."""
+        y = self.targets[k]
+        if self.objective == "nll":
+            return head_nll(self.model, x, y.repeat(K, 1))
+        B, T = x.shape[:2]
+        mb = B // K
+        out = torch.zeros(B, dtype=torch.float64, device=x.device)
+        dense = self.dense_final[k]
+        rows = max(1, 8192 // max(T, 1))
+        for sl in batches(B, rows):
+            lq = F.log_softmax(self.segs.logits(x[sl]).float(), -1)
+            idx = torch.arange(sl.start, sl.stop, device=x.device) % mb
+            lp = F.log_softmax(self.segs.logits(dense[idx]).float(), -1)
+            out[sl] = (lp.exp() * (lp - lq)).sum(-1).double().sum(1)
+        base = self.dense_rows[k * self.mb: k * self.mb + mb].to(x.device) if self.dense_rows is not None else 0
+        return out + (base.repeat(K) if K > 1 and isinstance(base, torch.Tensor) else base)
 
     def _stop(self) -> int:
         n = self.n_seg
@@ -407,7 +437,7 @@ class Stream:
                     set_raw_threshold(site, t)
                     x = run_segments(self.model, _rep(h, K), self.seg, end)
                     x = self._at_head(kb, x, refs[kb], K)
-                    parts.append(head_nll(self.model, x, y.repeat(K, 1)).view(K, mb).cpu())
+                    parts.append(self._score(kb, x, K).view(K, mb).cpu())
                 per = torch.cat(parts, dim=1)  # [K, N]
                 done = False
                 for k in range(K):
