@@ -60,7 +60,7 @@ def main(argv=None):
             m = randomize_weights(RWKV(RWKVConfig(vocab_size=a.vocab, n_layer=L, n_embd=a.width)), seed=0).eval()
             t0 = time.perf_counter()
             s = sequential(m, tok, tolerance=1.0, levels=levels, scan="all", device=a.device, progress=False,
-                           horizon=H or None)
+                           horizon=H or None, floor=0)  # floor 0: every level is a candidate
             wall = time.perf_counter() - t0
             n_seg = 2 * L
             evals = sum(e["evaluated"] for e in s.extra["trace"])

@@ -47,7 +47,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="rwkv_tiny")
     p.add_argument("--out", default="experiments/results/compare_thresholds")
-    p.add_argument("--calib-seqs", type=int, default=16)
+    p.add_argument("--calib-seqs", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--cloze-items", type=int, default=150)

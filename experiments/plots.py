@@ -56,6 +56,8 @@ def energy_vs_accuracy(df: pd.DataFrame, path: str | Path, model: str, highlight
                        zorder=6, label="this run")
         ax.set_xlabel("simulated energy per token on the chip (µJ)")
         ax.set_ylabel(label)
+        if col == "ppl":
+            ax.set_yscale("log")  # a collapsing baseline would squash every other curve
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{_title(model)}: accuracy vs energy per token (SENECA-like chip)")
@@ -89,7 +91,7 @@ def sparsity_by_site(sites: pd.DataFrame, path: str | Path, model: str) -> Path:
     ax.set_ylabel("activations sending no event (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{_title(model)}: sparsity per site on held-out text (hatched: natural zeros)")
-    ax.legend(fontsize=8, ncol=min(4, len(kinds)), loc="lower right")
+    ax.legend(fontsize=8, ncol=min(7, len(kinds)), loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     out = atomic_savefig(fig, path, dpi=130)

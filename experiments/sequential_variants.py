@@ -34,6 +34,9 @@ VARIANTS = {
     "kl-share": dict(objective="kl", rule="share"),
     "nll-share": dict(objective="nll", rule="share"),
     "kl-slope-k4-m0": dict(objective="kl", rule="slope", kappa=4.0, margin=0.0),
+    "kl-slope-k8-floor-auto": dict(objective="kl", rule="slope", kappa=8.0, floor="auto"),
+    "kl-slope-k8-floor0.3": dict(objective="kl", rule="slope", kappa=8.0, floor=0.3),
+    "kl-slope-k4-floor-auto": dict(objective="kl", rule="slope", kappa=4.0, floor="auto"),
 }
 
 
