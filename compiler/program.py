@@ -76,7 +76,15 @@ class Table:
             cols[k] = a
         object.__setattr__(self, "_cols", cols)
 
+    def __getstate__(self):  # pickling (process pools, Ray): the frozen __setattr__ is bypassed below
+        return self._cols
+
+    def __setstate__(self, cols):
+        object.__setattr__(self, "_cols", cols)
+
     def __getattr__(self, name: str) -> np.ndarray:
+        if name.startswith("__") or name == "_cols":  # not a column: no recursion before __setstate__
+            raise AttributeError(name)
         try:
             return self._cols[name]
         except KeyError:

@@ -45,6 +45,13 @@ def _work(alg: str, knob: float) -> tuple[str, float, dict]:
     return alg, knob, {"row": row, "timing": timing}
 
 
+def _ray_point(setup: P.Setup, alg: str, knob: float):
+    """A Ray task: module-level, so Ray ships it by reference; each worker loads the context once."""
+    if _CTX is None or _CTX.setup != setup:
+        _worker_init(setup, 1)
+    return _work(alg, knob)
+
+
 def _params_key(ctx_or_none, setup, alg, knob, fp):
     # the parameters without loading the model: the knob and the fixed extras resolve_knob adds
     params = {P.KNOB[alg]: float(knob)}
@@ -133,8 +140,9 @@ def _main(a) -> int:
     todo = [(alg, k) for alg, k in points if store.get(keys[(alg, k)]) is None]
     if a.max_points is not None:
         todo = todo[: a.max_points]
-    print(f"{a.model}: {len(points)} points, {len(points) - len(todo)} already done, {len(todo)} to run "
-          f"on {a.workers} {a.engine} worker(s); results in {out}", flush=True)
+    print(f"{a.model}: {len(points)} points, {len(points) - len(todo)} already done, {len(todo)} to run"
+          + (" on a Ray cluster" if a.engine == "ray" else f" on {a.workers} local worker(s)")
+          + f"; results in {out}", flush=True)
     t0 = time.perf_counter()
     if todo:
         # load once here first: a bad model name fails before any worker starts
@@ -171,14 +179,8 @@ def _run(todo, setup, a):
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto") if os.environ.get("RAY_ADDRESS") else None,
                  ignore_reinit_error=True)
 
-        @ray.remote
-        def remote(alg, k):
-            global _CTX
-            if _CTX is None or _CTX.setup != setup:
-                _worker_init(setup, 1)
-            return _work(alg, k)
-
-        futures = [remote.remote(alg, k) for alg, k in todo]
+        remote = ray.remote(_ray_point)
+        futures = [remote.remote(setup, alg, k) for alg, k in todo]
         while futures:
             ready, futures = ray.wait(futures, num_returns=1)
             yield ray.get(ready[0])

@@ -135,3 +135,18 @@ def test_a_malformed_sweep_file_is_one_line(ckpt, tmp_path, capsys):
     f.write_text('{"algorithms": ["magic"]}')
     assert sweep.main([str(ckpt), "--sweep-file", str(f), "--out", str(tmp_path / "o")]) == 2
     assert "unknown algorithm" in one_line_error(capsys)
+
+
+def test_a_sweep_on_ray_equals_the_local_one(ckpt, tmp_path):
+    """The optional cluster engine (``pip install ray``; skipped without it): a local Ray
+    instance runs the same points and the CSV is the same."""
+    ray = pytest.importorskip("ray")
+    args = ["--algorithms", "uniform", "cats", "--sparsities", "0.4", "--quiet"] + FAST
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    assert sweep.main([str(ckpt), "--out", str(local), "--workers", "1"] + args) == 0
+    ray.init(num_cpus=1, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        assert sweep.main([str(ckpt), "--out", str(remote), "--engine", "ray"] + args) == 0
+    finally:
+        ray.shutdown()
+    assert (local / "sweep.csv").read_text() == (remote / "sweep.csv").read_text()
