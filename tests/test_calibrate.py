@@ -8,15 +8,7 @@ from thresholds._core import Stream, head_nll, run_segments
 from thresholds.calibrate import main, resolve_params
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import numba
-    t, n = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(t)
-    numba.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ def tiny_hf(layer_norm_before: bool = True, proj_dim: int = C, seed: int = 0) ->
     return OPTForCausalLM(cfg).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: thread start-up costs more than the work (50 ms vs 50 us a matmul on a busy host)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LAYOUTS = {"ln_before": dict(layer_norm_before=True), "ln_after_350m": dict(layer_norm_before=False, proj_dim=16)}

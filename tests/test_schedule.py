@@ -9,16 +9,7 @@ from rllm.model import RWKV, RWKVConfig, randomize_weights
 from thresholds import Schedule, ScheduleCache, ScheduleError, calibrate, model_fingerprint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPU is shared: one torch thread and one numba thread avoid oversubscription stalls."""
-    import numba
-    t, n = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(t)
-    numba.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(seed=0, n_embd=16):

@@ -19,13 +19,7 @@ from rllm.sparse_gemv import (EventLinear, EventThreshold, disable_event_kernels
                               event_gemv_torch, threshold, transpose_weight, tune_event_kernels)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: thread start-up would cost more than the work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparse_x(rows, K, sparsity, seed=0, dtype=torch.float32):

@@ -15,12 +15,7 @@ from thresholds._core import Stream, head_nll, run_segments
 from tests.test_opt import LAYOUTS, V, hand_hooked_reference, tiny_hf
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sampled(model, n=8, T=33, seed=1):
