@@ -360,7 +360,7 @@ def dense_row(ctx: Context) -> dict:
     if "energy_uJ" in row:  # dense = every activation an event; threshold 0 (natural zeros silent) kept beside
         row.update(natural_energy_uJ=row["energy_uJ"], natural_latency_us=row["latency_us"],
                    energy_uJ=row["dense_energy_uJ"], latency_us=row["dense_latency_us"], energy_gain=1.0,
-                   latency_gain=1.0)
+                   latency_gain=1.0, natural_chip_mac_sparsity=row["chip_mac_sparsity"], chip_mac_sparsity=0.0)
     return row
 
 

@@ -39,7 +39,8 @@ def parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default="rwkv_tiny",
                     help="rwkv_tiny (default, shipped), rwkv_169m, rwkv_430m, rwkv_1b5, opt_125m, ... or a checkpoint path")
-    ap.add_argument("--algorithm", "-a", default="sequential", choices=list(P.KNOB))
+    ap.add_argument("--algorithm", "-a", default=None, choices=list(P.KNOB),
+                    help="default: sequential (uniform with --random-weights, where no loss means anything)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--tolerance", type=float, help="sequential/paper: relative calibration-loss budget "
                    "(default: the budget that keeps calibration perplexity within 5%% of dense)")
@@ -91,7 +92,8 @@ def summary_table(dense: dict, sparse: dict, setup: P.Setup) -> pd.DataFrame:
             ("  added beyond natural zeros (MAC-w.)", "eval_added_mac", ".3f"),
             ("perplexity (held-out)", "ppl", ".3f"), ("cloze accuracy", "cloze_acc", ".3f")]
     rows += [(f"{k[:-4]} accuracy", k, ".3f") for k in sparse if k.endswith("_acc") and k != "cloze_acc"]
-    rows += [("energy per token (uJ)", "energy_uJ", ".4g"), ("latency per token (us)", "latency_us", ".4g"),
+    rows += [("MACs skipped on the chip (simulated tokens)", "chip_mac_sparsity", ".3f"),
+             ("energy per token (uJ)", "energy_uJ", ".4g"), ("latency per token (us)", "latency_us", ".4g"),
              ("cores / chips", None, None)]
     out = []
     for label, key, spec in rows:
@@ -147,6 +149,8 @@ def _main(a) -> int:
             raise P.ExperimentError(f"--{name.replace('_', '-')} must be positive, got {getattr(setup, name)}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise P.ExperimentError("--device cuda: no CUDA device is visible here; use --device cpu")
+    if a.algorithm is None:
+        a.algorithm = "uniform" if setup.random_weights else "sequential"
     if a.algorithm == "sequential" or a.algorithm == "paper":
         if a.sparsity is not None:
             raise P.ExperimentError(f"{a.algorithm} takes --tolerance (a loss budget), not --sparsity")
