@@ -82,6 +82,20 @@ def parse_curve(spec: list[str]) -> list[tuple[str, float]]:
     return pts
 
 
+def site_matrix(sites: pd.DataFrame, held_out: bool) -> str:
+    """Per-site sparsity, site kind x layer, as "thresholded/threshold 0" (natural zeros)."""
+    t = sites[sites.site.str.match(r"^(blocks|layers)\.\d+\.")].copy()
+    parts = t.site.str.split(".")
+    t["layer"], t["kind"] = parts.str[1].astype(int), parts.str[2:].str.join(".")
+    cell = t.assign(v=[f"{a:.2f}/{b:.2f}" for a, b in zip(t.sparsity, t.natural)])
+    m = cell.pivot_table(index="kind", columns="layer", values="v", aggfunc="first", sort=False)
+    if m.shape[1] > 12:  # wide models: every third layer
+        m = m[[c for c in m.columns if c % 3 == 0 or c == m.columns[-1]]]
+    where = "held-out text" if held_out else "the simulated tokens"
+    return (f"per-site sparsity on {where}, thresholded/threshold 0 (threshold 0 silences only exact zeros):\n"
+            + m.to_string())
+
+
 def _fmt(v, spec=".3f"):
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
@@ -215,12 +229,14 @@ def _main(a) -> int:
             timings.append(rec["timing"])
 
     # --- outputs ------------------------------------------------------------------------------
-    write_results(out, ctx, setup, a, algorithm, params, schedule, dense, row, report, curve_rows, timings)
+    sites = write_results(out, ctx, setup, a, algorithm, params, schedule, dense, row, report, curve_rows, timings)
     table = summary_table(dense, row, setup)
     with pd.option_context("display.width", 160, "display.max_colwidth", 60):
         print()
         print(f"{ctx.name}: {algorithm} {params}")
         print(table.to_string(index=False))
+        print()
+        print(site_matrix(sites, ctx.eval_ids is not None))
     if report is not None:
         s = report.summary()
         print(f"chip: {s['cores']} cores on {s['chips']} chip(s); the simulated trace: {s['tokens']} tokens")
@@ -298,6 +314,7 @@ def write_results(out: Path, ctx, setup, a, algorithm, params, schedule, dense, 
             md.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |")
     md += ["", "Files: " + ", ".join(f"`{f}`" for f in files)]
     P.atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
+    return sites
 
 
 def report_program(ctx, schedule):

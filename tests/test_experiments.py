@@ -49,7 +49,8 @@ def test_run_writes_the_table_the_results_and_every_plot(ckpt, tmp_path, capsys)
     out = tmp_path / "res"
     assert run.main([str(ckpt), "--algorithm", "uniform", "--sparsity", "0.5", "--out", str(out)] + CURVE + FAST) == 0
     text = capsys.readouterr().out
-    for label in ("MAC-weighted sparsity", "perplexity", "energy per token", "latency per token"):
+    for label in ("MAC-weighted sparsity", "perplexity", "energy per token", "latency per token", "per-site sparsity",
+                  "ffn.value"):
         assert label in text
     for f in ("schedule.json", "config.json", "points.csv", "sites.csv", "summary.md", "energy_by_layer.csv",
               "neurobench.csv", "sparsity_by_site.png", "energy_breakdown.png", "latency_breakdown.png",
