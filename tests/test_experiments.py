@@ -151,3 +151,12 @@ def test_a_sweep_on_ray_equals_the_local_one(ckpt, tmp_path):
     finally:
         ray.shutdown()
     assert (local / "sweep.csv").read_text() == (remote / "sweep.csv").read_text()
+
+
+def test_decode_with_event_kernels_gives_the_same_tokens(ckpt, capsys):
+    from experiments import decode
+    assert decode.main([str(ckpt), "--sparsity", "0.5", "--tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy tokens agree: 16/16" in out and "event kernels" in out
+    assert decode.main([str(ckpt), "--device", "cuda"] if not torch.cuda.is_available() else ["rwkv_tinny"]) == 2
+    one_line_error(capsys)
