@@ -55,12 +55,7 @@ def greedy(model, ids: list[int], n: int, device) -> tuple[list[int], float]:
 
 
 def main(argv=None) -> int:
-    a = parse(argv)
-    try:
-        return _main(a)
-    except P.ExperimentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return P.cli(_main, parse(argv))
 
 
 def _main(a) -> int:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,21 @@ DEFAULT_CURVE = {"sequential": (0.006,), "uniform": (0.4, 0.55, 0.7), "cats": (0
 
 class ExperimentError(ValueError):
     """Bad input to an experiment: printed as one line by the CLIs (exit code 2)."""
+
+
+def cli(main, args, resume_hint: str | None = None) -> int:
+    """Run a command-line entry point: bad input is one line on stderr and exit code 2; with a
+    ``resume_hint``, an interrupt says how to resume (exit 130) instead of a traceback."""
+    try:
+        return main(args)
+    except ExperimentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if resume_hint is None:
+            raise
+        print(f"interrupted: {resume_hint}", file=sys.stderr)
+        return 130
 
 
 # ------------------------------------------------------------------------------------------
@@ -144,6 +160,7 @@ class Context:
     sim_ids: np.ndarray | None = None
     _programs: dict = field(default_factory=dict)
     _teal: Any = None
+    _natural: Any = None                    # event trace of the simulation tokens at threshold 0
     dense_calib_loss: float | None = None
 
     @classmethod
@@ -240,19 +257,20 @@ class Context:
         except (ValueError, TypeError) as e:
             raise ExperimentError(f"{algorithm}: {e}") from None
 
-    def evaluate(self, thresholds) -> dict:
-        """Held-out accuracy and sparsity under ``thresholds`` (empty for random weights)."""
+    def evaluate(self, thresholds) -> tuple[dict, Any]:
+        """Held-out accuracy and sparsity under ``thresholds``: (row, per-site SparsityMeter table);
+        ``({}, None)`` for random weights."""
         from rllm.evaluate import cloze_accuracy, multiple_choice, perplexity
         from rllm.events import SparsityMeter, summarize
         if self.eval_ids is None:
-            return {}
+            return {}, None
         dev = self.setup.device
         with SparsityMeter(self.model) as meter:
             ppl = perplexity(self.model, self.tokenizer, self.eval_ids, thresholds=thresholds, ctx=self.setup.seq_len,
                              device=dev, progress=False)
-        s = summarize(meter.table())
-        blk = meter.table()
-        blk = blk[blk.site != "head"]
+        sites = meter.table()
+        s = summarize(sites)
+        blk = sites[sites.site != "head"]
         w = blk.macs / blk.macs.sum()
         row = {"ppl": ppl.ppl, "eval_sparsity_mac": s["sparsity_mac_weighted"], "eval_sparsity_mean": s["sparsity_mean"],
                "eval_added_mac": float((blk.added * w).sum())}
@@ -266,7 +284,7 @@ class Context:
             elif items:
                 row[f"{name}_acc"] = cloze_accuracy(self.model, self.tokenizer, items, thresholds=thresholds,
                                                     device=dev, progress=False).acc
-        return row
+        return row, sites
 
     def program(self, schedule):
         """The chip program for this model (compiled once per schedule's sparsity profile)."""
@@ -279,14 +297,28 @@ class Context:
                 raise ExperimentError(str(e).splitlines()[0]) from None
         return self._programs[key]
 
+    def trace_sites(self, trace):
+        """Per-site sparsity of an event trace of the simulation tokens, natural zeros beside it
+        (the SparsityMeter table's columns, for models without held-out text)."""
+        from rllm.events import site_table
+        sp = trace.sparsity().set_index("site")
+        nat = self._natural.sparsity().set_index("site")
+        df = site_table(self.model)
+        df = df[df.site.isin(sp.index)].reset_index(drop=True)
+        df["total"], df["events"] = sp.total.reindex(df.site).values, sp.events.reindex(df.site).values
+        df["sparsity"] = sp.sparsity.reindex(df.site).values
+        df["natural"] = nat.sparsity.reindex(df.site).values
+        df["added"] = df.sparsity - df.natural
+        return df
+
     def simulate(self, schedule):
-        """Trace the simulation tokens under ``schedule`` and count them on the chip: a Report."""
+        """Trace the simulation tokens under ``schedule`` and count them on the chip: (Report, trace)."""
         from rllm.events import trace
         from seneca_sim import simulate
-        prog = self.program(schedule)
+        if self._natural is None:  # the same for every schedule
+            self._natural = trace(self.model, self.sim_ids, {n: 0.0 for n in self.model.sites}, name=self.name)
         tr = trace(self.model, self.sim_ids, schedule.thresholds, name=self.name)
-        natural = trace(self.model, self.sim_ids, {n: 0.0 for n in self.model.sites}, name=self.name)
-        return simulate(prog, tr, self.arch, natural=natural)
+        return simulate(self.program(schedule), tr, self.arch, natural=self._natural), tr
 
 
 # ------------------------------------------------------------------------------------------
@@ -314,9 +346,23 @@ def resolve_knob(ctx: Context, algorithm: str, knob: float | None) -> dict:
     return params
 
 
+@dataclass
+class Point:
+    """One schedule through every stage. ``row``: the numbers (one CSV row); ``timing``: wall
+    times, kept apart; ``sites``: per-site held-out sparsity (None for random weights);
+    ``report``/``trace``: the chip run and its events (None for models the chip does not map)."""
+
+    row: dict
+    timing: dict
+    schedule: Any
+    sites: Any = None
+    report: Any = None
+    trace: Any = None
+
+
 def run_point(ctx: Context, algorithm: str | None, params: Mapping[str, Any] | None, *, schedule=None,
-              progress: bool = False) -> tuple[dict, dict, Any, Any]:
-    """One point through every stage: (row, timings, schedule, report or None)."""
+              progress: bool = False) -> Point:
+    """One point through every stage (see :class:`Point`)."""
     t0 = time.perf_counter()
     if schedule is None:
         import warnings
@@ -332,11 +378,12 @@ def run_point(ctx: Context, algorithm: str | None, params: Mapping[str, Any] | N
            "natural_mac": s.get("natural_mac_weighted"), "added_mac": s.get("added_mac_weighted"),
            "calib_loss": s.get("loss"), "dense_calib_loss": s.get("dense_loss"),
            "target_reached": bool(schedule.extra.get("target_reached", True))}
-    row.update(ctx.evaluate(schedule.thresholds))
+    evaluated, sites = ctx.evaluate(schedule.thresholds)
+    row.update(evaluated)
     t2 = time.perf_counter()
-    report = None
+    report = tr = None
     if ctx.kind == "rwkv":
-        report = ctx.simulate(schedule)
+        report, tr = ctx.simulate(schedule)
         r = report.summary()
         row.update({"energy_uJ": r["energy_uJ_per_token"], "latency_us": r["latency_us_per_token"],
                     "dense_energy_uJ": r["dense_energy_uJ_per_token"], "dense_latency_us": r["dense_latency_us_per_token"],
@@ -346,7 +393,7 @@ def run_point(ctx: Context, algorithm: str | None, params: Mapping[str, Any] | N
     timings = {"algorithm": row["algorithm"], "knob_value": row["knob_value"], "calib_cost_s": schedule.cost_s,
                "calib_cached": bool(schedule.extra.get("cache", {}).get("hit")), "calibrate_s": t1 - t0,
                "evaluate_s": t2 - t1, "simulate_s": t3 - t2}
-    return row, timings, schedule, report
+    return Point(row, timings, schedule, sites, report, tr)
 
 
 def dense_row(ctx: Context) -> dict:
@@ -355,7 +402,7 @@ def dense_row(ctx: Context) -> dict:
     with calibrating(ctx.model, ctx.setup.device) as dev:
         sched = build_schedule(ctx.model, ctx.calib, {n: 0.0 for n in ctx.model.sites}, algorithm="dense", params={},
                                calib_description=ctx.calib_desc, t0=time.perf_counter(), device=dev, model_name=ctx.name)
-    row, _, _, _ = run_point(ctx, None, None, schedule=sched)
+    row = run_point(ctx, None, None, schedule=sched).row
     row.update(algorithm="dense", knob="", knob_value=0.0)
     if "energy_uJ" in row:  # dense = every activation an event; threshold 0 (natural zeros silent) kept beside
         row.update(natural_energy_uJ=row["energy_uJ"], natural_latency_us=row["latency_us"],

@@ -99,20 +99,22 @@ def sparsity_by_site(sites: pd.DataFrame, path: str | Path, model: str) -> Path:
     return out
 
 
+def _layer_bars(ax, dense: pd.Series, sparse: pd.Series, n_layer: int) -> None:
+    """Dense and event-based values per layer (index: layer, ``n_layer`` = the head) side by side."""
+    idx = sorted(set(dense.index) | set(sparse.index))
+    x = np.arange(len(idx))
+    ax.bar(x - 0.2, dense.reindex(idx, fill_value=0), 0.4, color="0.6", label="dense")
+    ax.bar(x + 0.2, sparse.reindex(idx, fill_value=0), 0.4, color="C0", label="event-based (thresholded)")
+    ax.set_xticks(x, [str(i) if i < n_layer else "head" for i in idx])
+    ax.set_xlabel("layer")
+
+
 def energy_breakdown(sparse, dense, path: str | Path, model: str) -> Path:
     """``sparse``/``dense``: seneca_sim Reports of the same program."""
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    ls, ld = sparse.by_layer(), dense.by_layer()
-    ps = ls.groupby("layer").energy_pJ.sum() / 1e6
-    pd_ = ld.groupby("layer").energy_pJ.sum() / 1e6
-    idx = sorted(set(ps.index) | set(pd_.index))
-    x = np.arange(len(idx))
-    a1.bar(x - 0.2, pd_.reindex(idx, fill_value=0), 0.4, color="0.6", label="dense")
-    a1.bar(x + 0.2, ps.reindex(idx, fill_value=0), 0.4, color="C0", label="event-based (thresholded)")
-    n_layer = int(sparse.meta["n_layer"])
-    a1.set_xticks(x, [str(i) if i < n_layer else "head" for i in idx])
-    a1.set_xlabel("layer")
+    _layer_bars(a1, dense.by_layer().groupby("layer").energy_pJ.sum() / 1e6,
+                sparse.by_layer().groupby("layer").energy_pJ.sum() / 1e6, int(sparse.meta["n_layer"]))
     a1.set_ylabel("energy per token (µJ)")
     a1.set_title("by layer")
     a1.legend(fontsize=8)
@@ -144,14 +146,8 @@ def latency_breakdown(sparse, dense, path: str | Path, model: str) -> Path:
         return c.groupby("layer").cycles.sum() / r.n_tokens * us
 
     s, d = per_layer(sparse), per_layer(dense)
-    idx = sorted(set(s.index) | set(d.index))
-    x = np.arange(len(idx))
-    fig, ax = plt.subplots(figsize=(max(6.5, 0.5 * len(idx) + 4), 4.6))
-    ax.bar(x - 0.2, d.reindex(idx, fill_value=0), 0.4, color="0.6", label="dense")
-    ax.bar(x + 0.2, s.reindex(idx, fill_value=0), 0.4, color="C0", label="event-based (thresholded)")
-    n_layer = int(sparse.meta["n_layer"])
-    ax.set_xticks(x, [str(i) if i < n_layer else "head" for i in idx])
-    ax.set_xlabel("layer")
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.5 * len(set(s.index) | set(d.index)) + 4), 4.6))
+    _layer_bars(ax, d, s, int(sparse.meta["n_layer"]))
     ax.set_ylabel("latency per token (µs)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -130,15 +130,7 @@ def summary_table(dense: dict, sparse: dict, setup: P.Setup) -> pd.DataFrame:
 def main(argv=None) -> int:
     ap = parser()
     a = ap.parse_args(argv)
-    try:
-        return _main(a)
-    except P.ExperimentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished points are kept under OUT/points; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+    return P.cli(_main, a, "finished points are kept under OUT/points; rerun the same command to resume")
 
 
 def _main(a) -> int:
@@ -208,10 +200,11 @@ def _main(a) -> int:
     print("dense run ...", flush=True)
     dense = P.dense_row(ctx)
     print("event-based run ...", flush=True)
-    row, timing, schedule, report = P.run_point(ctx, algorithm, params, schedule=schedule)
+    point = P.run_point(ctx, algorithm, params, schedule=schedule)
+    row, report = point.row, point.report
 
     # --- the curve ----------------------------------------------------------------------------
-    curve_rows, timings = [], [timing]
+    curve_rows, timings = [], [point.timing]
     if not a.no_curve and ctx.eval_ids is not None:
         store = P.PointStore(out)
         fp = ctx.arch.fingerprint()
@@ -222,14 +215,14 @@ def _main(a) -> int:
             key = P.point_key(setup, alg, prm, fp)
             rec = store.get(key)
             if rec is None:
-                r, t, _, _ = P.run_point(ctx, alg, prm)
-                rec = {"row": r, "timing": t}
+                pt = P.run_point(ctx, alg, prm)
+                rec = {"row": pt.row, "timing": pt.timing}
                 store.put(key, rec)
             curve_rows.append(rec["row"])
             timings.append(rec["timing"])
 
     # --- outputs ------------------------------------------------------------------------------
-    sites = write_results(out, ctx, setup, a, algorithm, params, schedule, dense, row, report, curve_rows, timings)
+    sites = write_results(out, ctx, setup, a, algorithm, params, point, dense, curve_rows, timings)
     table = summary_table(dense, row, setup)
     with pd.option_context("display.width", 160, "display.max_colwidth", 60):
         print()
@@ -244,11 +237,10 @@ def _main(a) -> int:
     return 0
 
 
-def write_results(out: Path, ctx, setup, a, algorithm, params, schedule, dense, row, report, curve_rows, timings):
+def write_results(out: Path, ctx, setup, a, algorithm, params, point: P.Point, dense, curve_rows, timings):
     from experiments import plots
-    from rllm.events import SparsityMeter
-    from rllm.evaluate import perplexity
 
+    schedule, row, report = point.schedule, point.row, point.report
     label = " [RANDOM WEIGHTS]" if setup.random_weights else ""
     schedule.save(out / "schedule.json")
     config = {"setup": {**setup.__dict__, "tasks": list(setup.tasks)}, "algorithm": algorithm,
@@ -261,18 +253,8 @@ def write_results(out: Path, ctx, setup, a, algorithm, params, schedule, dense, 
     P.atomic_write_csv(out / "timings.csv", pd.DataFrame(timings))
     P.atomic_write_csv(out / "schedule_sites.csv", schedule.table())
 
-    # per-site sparsity on held-out text (or on the simulated tokens for random weights)
-    import torch
-    with SparsityMeter(ctx.model) as meter:
-        if ctx.eval_ids is not None:
-            perplexity(ctx.model, ctx.tokenizer, ctx.eval_ids[:4096], thresholds=schedule.thresholds,
-                       ctx=setup.seq_len, device=setup.device, progress=False)
-        else:
-            from thresholds._core import calibrating
-            with calibrating(ctx.model, setup.device, zero=False):
-                ctx.model.set_thresholds(schedule.thresholds)
-                ctx.model(torch.as_tensor(ctx.sim_ids[:setup.seq_len]).unsqueeze(0).to(setup.device))
-    sites = meter.table()
+    # per-site sparsity on held-out text (for random weights: on the simulated tokens)
+    sites = point.sites if point.sites is not None else ctx.trace_sites(point.trace)
     P.atomic_write_csv(out / "sites.csv", sites)
     plots.sparsity_by_site(sites, out / "sparsity_by_site.png", ctx.name)
 
@@ -280,7 +262,8 @@ def write_results(out: Path, ctx, setup, a, algorithm, params, schedule, dense, 
              "sparsity_by_site.png"]
     if report is not None:
         from seneca_sim import simulate
-        dense_rep = simulate(report_program(ctx, schedule), None, ctx.arch, dense=True)
+        program = ctx.program(schedule)
+        dense_rep = simulate(program, None, ctx.arch, dense=True)
         report.save(out / "chip")
         dense_rep.save(out / "chip_dense")
         by_layer = report.by_layer().assign(run="event-based")
@@ -288,8 +271,7 @@ def write_results(out: Path, ctx, setup, a, algorithm, params, schedule, dense, 
         P.atomic_write_csv(out / "energy_by_layer.csv", by_layer)
         P.atomic_write_csv(out / "energy_by_action.csv", report.by_action())
         from seneca_sim.neurobench import workload_metrics
-        P.atomic_write_csv(out / "neurobench.csv", workload_metrics(report_program(ctx, schedule),
-                                                                    _sim_trace(ctx, schedule)))
+        P.atomic_write_csv(out / "neurobench.csv", workload_metrics(program, point.trace))
         plots.energy_breakdown(report, dense_rep, out / "energy_breakdown.png", ctx.name)
         plots.latency_breakdown(report, dense_rep, out / "latency_breakdown.png", ctx.name)
         files += ["chip/", "chip_dense/", "energy_by_layer.csv", "energy_by_action.csv", "neurobench.csv",
@@ -315,15 +297,6 @@ def write_results(out: Path, ctx, setup, a, algorithm, params, schedule, dense, 
     md += ["", "Files: " + ", ".join(f"`{f}`" for f in files)]
     P.atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
     return sites
-
-
-def report_program(ctx, schedule):
-    return ctx.program(schedule)
-
-
-def _sim_trace(ctx, schedule):
-    from rllm.events import trace
-    return trace(ctx.model, ctx.sim_ids, schedule.thresholds, name=ctx.name)
 
 
 if __name__ == "__main__":

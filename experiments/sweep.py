@@ -41,8 +41,8 @@ def _worker_init(setup: P.Setup, threads: int) -> None:
 def _work(alg: str, knob: float) -> tuple[str, float, dict]:
     ctx = _CTX
     params = P.resolve_knob(ctx, alg, knob)
-    row, timing, _, _ = P.run_point(ctx, alg, params)
-    return alg, knob, {"row": row, "timing": timing}
+    pt = P.run_point(ctx, alg, params)
+    return alg, knob, {"row": pt.row, "timing": pt.timing}
 
 
 def _ray_point(setup: P.Setup, alg: str, knob: float):
@@ -90,15 +90,7 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    a = parse(argv)
-    try:
-        return _main(a)
-    except P.ExperimentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished points are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
+    return P.cli(_main, parse(argv), "finished points are kept; rerun the same command to resume")
 
 
 def _main(a) -> int:
