@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from rllm import sparse_gemv
 from rllm.model import RWKV, RWKVConfig, randomize_weights
-from rllm.sparse_gemv import (KernelConfig, break_even_sparsity, cycling, enable_event_kernels, event_gemv,
+from rllm.sparse_gemv import (KernelConfig, best_kernel, break_even_sparsity, cycling, enable_event_kernels, event_gemv,
                               event_gemv_torch, gpu_time, rotating_weights, sparse_inputs, threshold,
                               transpose_weight)
 
@@ -78,6 +78,7 @@ def guarded(what, fn, *args):
 # --- 1. correctness on the GPU -------------------------------------------------------------
 
 REDUCES = ("separate", "ticket", "fenced")  # how the kernel's split partial sums are added (KernelConfig.reduce)
+VARIANTS = REDUCES + ("compact",)  # the masked kernel with each reduction, and the compacting kernel
 
 
 def rel_err(y, ref) -> float:
@@ -100,8 +101,8 @@ def check_kernel(dev) -> pd.DataFrame:
     tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
     rows = []
     g = torch.Generator(device=dev).manual_seed(0)
-    for reduce in REDUCES:
-        cfg = replace(sparse_gemv.DEFAULT_CONFIG, reduce=reduce)
+    for reduce in VARIANTS:
+        cfg = sparse_gemv.COMPACT_CONFIG if reduce == "compact" else replace(sparse_gemv.DEFAULT_CONFIG, reduce=reduce)
         for m, K, N, kind, has_bias, dtype in cases:
             x = torch.randn(m, K, device=dev, generator=g)
             x[torch.rand(m, K, device=dev, generator=g) < 0.5] = 0
@@ -183,7 +184,8 @@ def model_check(dev, cfg) -> dict:
 # --- 2. latency ------------------------------------------------------------------------------
 
 def time_shape(K, N, sparsities, dev, dtype, rows=1, config=None, modes=("dense", "kernel", "fused")):
-    """Per sparsity: seconds per call of dense / kernel (sparse input) / fused (threshold in the kernel)."""
+    """Per sparsity: seconds per call of dense / kernel (sparse input) / fused (threshold in the kernel);
+    compact and compact_fused: the same with the compacting kernel."""
     ws, wts = rotating_weights(K, N, dev, dtype)
     out = []
     for s in sparsities:
@@ -195,11 +197,16 @@ def time_shape(K, N, sparsities, dev, dtype, rows=1, config=None, modes=("dense"
             r["kernel"] = gpu_time(cycling(lambda i: event_gemv(xs[i], wts[i], config=config), len(ws)))
         if "dense" in modes and s == 0:  # the same measurement again: the noise floor of the comparison
             r["dense_repeat"] = gpu_time(cycling(lambda i: F.linear(xs[i], ws[i]), len(ws)))
-        if "fused" in modes:
+        if "compact" in modes:
+            r["compact"] = gpu_time(cycling(lambda i: event_gemv(xs[i], wts[i], config=sparse_gemv.COMPACT_CONFIG),
+                                            len(ws)))
+        if "fused" in modes or "compact_fused" in modes:
             # A dense input and the threshold that silences the same share of it: |N(0,1)|'s quantile.
             raw = sparse_inputs(rows, K, 0.0, len(ws), dev, dtype, seed=int(100 * s) + 1)
             t = torch.tensor(math.sqrt(2) * torch.erfinv(torch.tensor(s)).item(), device=dev, dtype=dtype)
-            r["fused"] = gpu_time(cycling(lambda i: event_gemv(raw[i], wts[i], t, config=config), len(ws)))
+            for mode, cfg in (("fused", config), ("compact_fused", sparse_gemv.COMPACT_CONFIG)):
+                if mode in modes:
+                    r[mode] = gpu_time(cycling(lambda i: event_gemv(raw[i], wts[i], t, config=cfg), len(ws)))
         out.append(r)
     del ws, wts
     torch.cuda.empty_cache()
@@ -211,21 +218,29 @@ def latency(dev, dtype) -> pd.DataFrame:
     for name, K, N in SHAPES:
         t0 = time.perf_counter()
         be = break_even_sparsity(K, N, dtype, dev)
-        for r in time_shape(K, N, SPARSITIES, dev, dtype):
-            auto = r["dense"] if r["sparsity"] < be else r["kernel"]
+        be_compact = break_even_sparsity(K, N, dtype, dev, config=sparse_gemv.COMPACT_CONFIG)
+        for r in time_shape(K, N, SPARSITIES, dev, dtype, modes=("dense", "kernel", "fused", "compact",
+                                                                  "compact_fused")):
+            # auto: what a tuned EventLinear runs, chosen by best_kernel's own (separate) timing
+            choice = best_kernel(K, N, dtype, dev, r["sparsity"])
+            pick = "dense" if choice is None else ("compact" if choice.algorithm == "compact" else "kernel")
             rows.append(dict(matrix=name, K=K, N=N, rows=1, sparsity=r["sparsity"], break_even=be,
-                             dense_us=1e6 * r["dense"], kernel_us=1e6 * r["kernel"], fused_us=1e6 * r["fused"],
-                             auto_us=1e6 * auto, dense_repeat_us=1e6 * r.get("dense_repeat", math.nan)))
-        log(f"  {name}: break-even {be:.2f}, {time.perf_counter() - t0:.1f} s")
+                             break_even_compact=be_compact, dense_us=1e6 * r["dense"], kernel_us=1e6 * r["kernel"],
+                             fused_us=1e6 * r["fused"], compact_us=1e6 * r["compact"],
+                             compact_fused_us=1e6 * r["compact_fused"], auto=pick, auto_us=1e6 * r[pick],
+                             dense_repeat_us=1e6 * r.get("dense_repeat", math.nan)))
+        log(f"  {name}: break-even masked {be:.2f}, compact {be_compact:.2f}, {time.perf_counter() - t0:.1f} s")
     for name, K, N in (SHAPES[5], SHAPES[7]):  # small batches: an input's row is read if it fires in any row
         for r in time_shape(K, N, [0.0, 0.5, 0.7, 0.9], dev, dtype, rows=4, modes=("dense", "kernel")):
             rows.append(dict(matrix=name, K=K, N=N, rows=4, sparsity=r["sparsity"], dense_us=1e6 * r["dense"],
                              kernel_us=1e6 * r["kernel"]))
     df = pd.DataFrame(rows)
     df["speedup_kernel"] = df.dense_us / df.kernel_us
+    df["speedup_compact"] = df.dense_us / df.compact_us
     df["speedup_auto"] = df.dense_us / df.auto_us
     df["dense_GBps"] = df.K * df.N * torch.finfo(dtype).bits / 8 / (df.dense_us * 1e3)
     df["kernel_GBps_read"] = (1 - df.sparsity) * df.K * df.N * torch.finfo(dtype).bits / 8 / (df.kernel_us * 1e3)
+    df["compact_GBps_read"] = (1 - df.sparsity) * df.K * df.N * torch.finfo(dtype).bits / 8 / (df.compact_us * 1e3)
     return df
 
 
@@ -250,8 +265,8 @@ def sweep(dev, dtype, reduces) -> tuple[pd.DataFrame, KernelConfig]:
                                     kernel_us=1e6 * r["kernel"]))
         return out
 
-    def best_of(df, cfgs):
-        half = df[df.sparsity == 0.5]
+    def best_of(df, cfgs):  # cfgs: a list, or {config number: config} for some of them
+        half = df[(df.sparsity == 0.5) & df.config.isin(range(len(cfgs)) if isinstance(cfgs, list) else list(cfgs))]
         score = half.assign(log_us=half.kernel_us.map(math.log)).groupby("config").log_us.mean()
         return cfgs[int(score.idxmin())]
 
@@ -260,12 +275,21 @@ def sweep(dev, dtype, reduces) -> tuple[pd.DataFrame, KernelConfig]:
     finals = [replace(tile, reduce=r) for r in reduces if r != "separate"]
     rows += run(finals, len(configs))
     configs += finals
+    best = best_of(pd.DataFrame(rows), configs)
+    compact = [KernelConfig(algorithm="compact", **c) for c in (
+        dict(block_n=128, block_k=32, num_stages=4, inputs=1024), dict(block_n=128, block_k=32, num_stages=3, inputs=1024),
+        dict(block_n=128, block_k=64, num_stages=3, inputs=1024), dict(block_n=128, block_k=64, num_stages=2, inputs=1024),
+        dict(block_n=256, block_k=32, num_stages=3, inputs=1024), dict(block_n=128, block_k=64, num_stages=3, inputs=2048),
+        dict(block_n=128, block_k=64, num_stages=2, inputs=512), dict(block_n=256, block_k=32, num_stages=1, inputs=256),
+        dict(block_n=128, block_k=128, num_warps=8, num_stages=3, inputs=1024))]
+    rows += run(compact, len(configs))
+    best_compact = best_of(pd.DataFrame(rows), {len(configs) + i: c for i, c in enumerate(compact)})
+    configs += compact
     df = pd.DataFrame(rows)
-    best = best_of(df, configs)
     log(df.pivot_table(index="config", columns=["matrix", "sparsity"], values="kernel_us").round(1).to_string())
     log("configs: " + "; ".join(f"{i}: {c}" for i, c in enumerate(configs)))
-    log(f"best at 50% sparsity (geometric mean): {best}")
-    return df, best
+    log(f"best at 50% sparsity (geometric mean): masked {best}; compacting {best_compact}")
+    return df, best, best_compact
 
 
 # --- 3. decode ------------------------------------------------------------------------------
@@ -423,8 +447,9 @@ def plot(lat: pd.DataFrame, dec: pd.DataFrame | None, gpu: str, path: Path) -> N
     for ax, name in zip(axes.flat, shapes):
         d = one[one.matrix == name]
         ax.plot(d.sparsity, d.dense_us, "k-o", ms=3, label="dense (cuBLAS)")
-        ax.plot(d.sparsity, d.kernel_us, "C0-o", ms=3, label="event kernel")
-        ax.plot(d.sparsity, d.fused_us, "C1--", label="kernel + threshold")
+        ax.plot(d.sparsity, d.kernel_us, "C0-o", ms=3, label="masked kernel")
+        ax.plot(d.sparsity, d.compact_us, "C2-o", ms=3, label="compacting kernel")
+        ax.plot(d.sparsity, d.compact_fused_us, "C1--", label="compacting + threshold")
         ax.plot(d.sparsity, d.dense_us.iloc[0] * (1 - d.sparsity), ":", color="gray", label="dense x (1 - s)")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("input sparsity")
@@ -482,11 +507,13 @@ def main(argv=None) -> None:
         sw = guarded("sweep", sweep, dev, dtype, [r for r in REDUCES if ok.get(r, False)])
         if sw is not None:
             sw[0].assign(gpu=gpu).to_csv(out / "gpu_sparse_gemv_sweep.csv", index=False)
-            sparse_gemv.DEFAULT_CONFIG = sw[1]
-        log(f"sweep done at {time.perf_counter() - t0:.0f} s; kernel config for the rest: {sparse_gemv.DEFAULT_CONFIG}")
+            sparse_gemv.DEFAULT_CONFIG, sparse_gemv.COMPACT_CONFIG = sw[1], sw[2]
+        log(f"sweep done at {time.perf_counter() - t0:.0f} s; kernel configs for the rest: "
+            f"{sparse_gemv.DEFAULT_CONFIG}, {sparse_gemv.COMPACT_CONFIG}")
     lat = guarded("latency", latency, dev, dtype)
     if lat is not None:
-        lat = lat.assign(gpu=gpu, dtype=a.dtype, copy_GBps=copy_bw, config=str(sparse_gemv.DEFAULT_CONFIG))
+        lat = lat.assign(gpu=gpu, dtype=a.dtype, copy_GBps=copy_bw, config=str(sparse_gemv.DEFAULT_CONFIG),
+                         compact_config=str(sparse_gemv.COMPACT_CONFIG))
         lat.to_csv(out / "gpu_sparse_gemv.csv", index=False)
     log(f"latency done at {time.perf_counter() - t0:.0f} s")
     dec = None
@@ -502,12 +529,14 @@ def main(argv=None) -> None:
 
     pd.set_option("display.width", 200)
     one = lat[lat.rows == 1]
-    table = one.pivot(index="sparsity", columns="matrix", values="speedup_kernel")[[s for s, _, _ in SHAPES]]
-    log("\nkernel speedup over dense (dense_us / kernel_us), batch 1:")
-    log(table.round(2).to_string())
-    log("\nauto (dense below the measured break-even) speedup at 0 and 50% sparsity, and dense time:")
-    log(one[one.sparsity.isin([0.0, 0.5])][["matrix", "sparsity", "break_even", "dense_us", "kernel_us",
-                                              "auto_us", "speedup_auto", "dense_GBps"]].round(2).to_string(index=False))
+    for col, what in (("speedup_kernel", "masked kernel"), ("speedup_compact", "compacting kernel")):
+        table = one.pivot(index="sparsity", columns="matrix", values=col)[[s for s, _, _ in SHAPES]]
+        log(f"\n{what}: speedup over dense (dense_us / kernel_us), batch 1:")
+        log(table.round(2).to_string())
+    log("\nauto (the fastest of dense, masked and compacting by best_kernel's timing) at 0, 50 and 90% sparsity:")
+    log(one[one.sparsity.isin([0.0, 0.5, 0.9])][["matrix", "sparsity", "dense_us", "kernel_us", "compact_us",
+                                                   "auto", "auto_us", "speedup_auto", "dense_GBps",
+                                                   "compact_GBps_read"]].round(2).to_string(index=False))
     log("\nbatch 4:")
     log(lat[lat.rows == 4][["matrix", "sparsity", "dense_us", "kernel_us", "speedup_kernel"]].round(2)
         .to_string(index=False))

@@ -5,8 +5,9 @@
 
 What a researcher gets today on a GPU from the same thresholds: the model decodes ``--tokens``
 tokens greedily from ``--prompt``, once with dense matrix products and once with
-``rllm.sparse_gemv``'s event kernels (on CUDA the Triton kernel above its measured break-even
-sparsity; on CPU the torch fallback, which gathers the weight rows of the firing inputs). Both
+``rllm.sparse_gemv``'s event kernels (on CUDA, per matrix, the fastest of dense and the two Triton
+kernels at the sparsity it sees, measured on this GPU; on CPU the torch fallback, which gathers the
+weight rows of the firing inputs). Both
 runs use the same schedule and fp32 accumulation; the command prints tokens/s of each, their
 ratio and whether the generated tokens agree. RWKV-4 decodes in step mode; OPT (``opt_125m``...)
 through its key/value cache.
@@ -92,7 +93,14 @@ def _main(a) -> int:
         sched = uniform(model, c, sparsity=a.sparsity, target="mac", device=a.device, progress=False)
     sched.apply(model)
     dense_tokens, dense_tps = greedy(model, ids, a.tokens, dev)
-    enable_event_kernels(model)
+    # On CUDA each matrix gets the fastest of dense and the two kernels at its measured sparsity
+    # (tuned on the prompt and calibration tokens); on CPU every matrix takes the torch fallback.
+    sample = None
+    if dev.type == "cuda":
+        calib = P._data_file(lm, "calib.txt")
+        text = calib.read_text(encoding="utf-8")[:4000] if calib is not None else a.prompt * 64
+        sample = torch.tensor([(tok.encode(text).ids or ids)[:16]], device=dev)
+    enable_event_kernels(model, sample=sample)
     try:
         event_tokens, event_tps = greedy(model, ids, a.tokens, dev)
     finally:

@@ -208,10 +208,12 @@ class EventOPT(nn.Module):
             # tensors, so the caller's state is never modified.
             data = list(zip(state.keys, state.values)) if state is not None and state.n_tokens else None
             cache = DynamicCache(data, config=self.hf.config)
-        out = self.hf(input_ids=idx, cache=cache, use_cache=cache is not None)
+        # transformers 5 names the argument and the output field ``cache``; 4.x ``past_key_values``
+        # (and would swallow an unknown ``cache=`` in its **kwargs, silently dropping the state).
+        out = self.hf(input_ids=idx, use_cache=cache is not None, **{_cache_argument(self.hf): cache})
         if not return_state:
             return out.logits
-        layers = list(out.cache)
+        layers = list(out["cache"] if "cache" in out else out["past_key_values"])
         return out.logits, OPTState(tuple(k for k, *_ in layers), tuple(v for _, v, *_ in layers))
 
     def step(self, token: torch.Tensor, state: OPTState | None = None) -> tuple[torch.Tensor, OPTState]:
@@ -222,6 +224,13 @@ class EventOPT(nn.Module):
     def num_params(self) -> int:
         """Parameters of the wrapped model (the tied head counted once)."""
         return sum(p.numel() for p in self.hf.parameters())
+
+
+def _cache_argument(hf) -> str:
+    """The name under which this transformers version's OPT forward takes the key/value cache."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
 
 
 # --------------------------------------------------------------------------------------------

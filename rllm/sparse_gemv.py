@@ -21,16 +21,21 @@ several rows (up to :data:`MAX_KERNEL_ROWS`) go through ``tl.dot``, reading an i
 fires in any of them. Split partial sums go to a float32 workspace; the last program of each
 output block to arrive (an atomic ticket) adds them in split order, so one launch does the whole
 product and the result is deterministic (``KernelConfig.reduce`` also offers a separate reduction
-kernel, and the ticket with explicit fences). ``benchmarks/gpu_sparse_gemv.py --sweep`` chose the
-tile sizes of :data:`DEFAULT_CONFIG`; its CSVs hold what the kernel achieves against cuBLAS. On an
-H200 the saving grows with sparsity but stays well short of ``1 / d`` on large matrices: the loop
-is bound by load latency rather than bandwidth once the weight tiles thin out.
+kernel, and the ticket with explicit fences). This *masked* kernel saves traffic but not
+instructions: every tile is still visited, so on large matrices its time falls slowly with
+sparsity. The *compacting* kernel (one row; ``KernelConfig(algorithm="compact")``,
+:data:`COMPACT_CONFIG`) does the work of the events only: each program first stores the indices of
+its firing inputs (a prefix sum) in its own scratch, then gathers just those weight rows; splits
+meet through the same ticket, their sums added as one tree. It wins at high sparsity and on large
+matrices, and loses on small ones, where its fixed cost (compaction, adding the splits)
+dominates. ``benchmarks/gpu_sparse_gemv.py --sweep`` chose both configurations; its CSVs hold what
+each achieves against cuBLAS.
 
 Falling back. On CPU, without Triton, for more rows, or under autograd the same function runs in
 plain torch (:func:`event_gemv_torch`: gather the rows of the firing inputs, one float32 matmul).
-:class:`EventLinear` also takes the dense product (cuBLAS through ``F.linear``) wherever the
-kernel would not win: below the break-even sparsity of its shape, measured on the GPU at hand by
-:func:`break_even_sparsity` (:func:`tune_event_kernels`), and for batches of more than ``max_rows``
+:class:`EventLinear` runs, per matrix, the fastest of dense (cuBLAS through ``F.linear``), the masked
+and the compacting kernel at the sparsity its input shows, as timed on the GPU at hand by
+:func:`best_kernel` (:func:`tune_event_kernels`); and dense for batches of more than ``max_rows``
 rows (sequence mode, calibration).
 
 Models. :func:`enable_event_kernels` swaps the ``nn.Linear`` modules fed by activation sites of an
@@ -63,9 +68,9 @@ try:
 except ImportError:  # CPU-only installs: the torch fallback does everything
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "MAX_KERNEL_ROWS", "KernelConfig", "DEFAULT_CONFIG", "threshold", "event_gemv", "event_gemv_torch",
-           "EventLinear", "EventThreshold", "enable_event_kernels", "disable_event_kernels", "tune_event_kernels",
-           "break_even_sparsity", "gpu_time", "cycling", "sparse_inputs", "rotating_weights",
+__all__ = ["HAS_TRITON", "MAX_KERNEL_ROWS", "KernelConfig", "DEFAULT_CONFIG", "COMPACT_CONFIG", "threshold",
+           "event_gemv", "event_gemv_torch", "EventLinear", "EventThreshold", "enable_event_kernels",
+           "disable_event_kernels", "tune_event_kernels", "break_even_sparsity", "best_kernel", "gpu_time", "cycling", "sparse_inputs", "rotating_weights",
            "transpose_weight"]
 
 MAX_KERNEL_ROWS = 16  # the kernel's batch limit: beyond it the union of events is dense anyway
@@ -239,12 +244,84 @@ if HAS_TRITON:
             acc += tl.load(BIAS + n, mask=ok, other=0.0).to(tl.float32)
         tl.store(Y + (offs // N) * stride_ym + n, acc.to(Y.dtype.element_ty), mask=ok)
 
+    @triton.jit
+    def _compact_events(X, T, S, k_lo, k_hi, HAS_T: tl.constexpr, T_VEC: tl.constexpr, CHUNK: tl.constexpr,
+                        INPUTS: tl.constexpr):
+        """Store the indices of the inputs ``k_lo .. k_hi`` that fire at ``S[0:count]``, in order; returns count."""
+        count = 0
+        for c0 in tl.static_range(0, INPUTS, CHUNK):
+            offs = k_lo + c0 + tl.arange(0, CHUNK)
+            ok = offs < k_hi
+            x = tl.load(X + offs, mask=ok, other=0.0)
+            fire = (x != 0) & ok
+            if HAS_T:
+                if T_VEC:
+                    t = tl.load(T + offs, mask=ok, other=0.0)
+                else:
+                    t = tl.load(T)
+                fire = fire & (tl.abs(x) >= t)
+            f = fire.to(tl.int32)
+            tl.store(S + count + tl.cumsum(f, axis=0) - 1, offs, mask=fire)
+            count += tl.sum(f, axis=0)
+        return count
+
+    @triton.jit
+    def _event_gemv_compact_kernel(X, T, WT, BIAS, Y, P, TICKETS, S, N, K, N_LOAD, stride_wk,
+                                   SPLIT_K: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_T: tl.constexpr,
+                                   T_VEC: tl.constexpr, HAS_BIAS: tl.constexpr, INPUTS: tl.constexpr,
+                                   CHUNK: tl.constexpr, NUM_STAGES: tl.constexpr,
+                                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One row: each program compacts the firing inputs of its ``INPUTS`` into its own scratch ``S``,
+        then gathers only their weight rows, ``BLOCK_K`` at a time (work and traffic follow the events)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        n_load = offs_n < N_LOAD
+        k_lo = pid_k * INPUTS
+        s = S + (pid_n * SPLIT_K + pid_k) * INPUTS
+        count = _compact_events(X, T, s, k_lo, tl.minimum(k_lo + INPUTS, K), HAS_T, T_VEC, CHUNK, INPUTS)
+        tl.debug_barrier()  # the scratch written by every thread is read by every thread
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        ar = tl.arange(0, BLOCK_K)
+        for j in tl.range(0, count, BLOCK_K, num_stages=NUM_STAGES):
+            ok = j + ar < count
+            k = tl.load(s + j + ar, mask=ok, other=0)
+            x = tl.load(X + k, mask=ok, other=0.0)
+            w = tl.load(WT + k[:, None] * stride_wk + offs_n[None, :], mask=ok[:, None] & n_load[None, :], other=0.0)
+            acc += x.to(tl.float32)[:, None] * w.to(tl.float32)
+        out = tl.sum(acc, axis=0)
+        last = pid_k == 0
+        if SPLIT_K > 1:  # the last program of this output block to arrive adds the splits (a tree, in one load)
+            tl.store(P + pid_k * N + offs_n, out, mask=n_ok)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(TICKETS + pid_n, 1, sem="acq_rel")
+            last = ticket == SPLIT_K - 1
+            if last:
+                sp = tl.arange(0, SPLIT_P2)
+                out = tl.sum(tl.load(P + sp[:, None] * N + offs_n[None, :], mask=(sp < SPLIT_K)[:, None] & n_ok[None, :],
+                                     other=0.0, cache_modifier=".cg"), axis=0)
+                tl.atomic_xchg(TICKETS + pid_n, 0)
+        if last:
+            if HAS_BIAS:
+                out += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(Y + offs_n, out.to(Y.dtype.element_ty), mask=n_ok)
+
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch shape. ``waves``: aimed-for programs per multiprocessor, which sets the
-    split of the inputs; ``min_iters``: the fewest ``BLOCK_K`` steps a split may have. The defaults
-    are the fastest at 50% sparsity (geometric mean over four shapes) of ``--sweep`` on an H200."""
+    """Which kernel, its tile sizes and launch shape.
+
+    ``algorithm``: ``"masked"`` (every input tile is visited and the weight rows of silent inputs
+    are masked off: traffic follows the events, instructions do not) or ``"compact"`` (one row
+    only: each program first compacts the indices of its ``inputs`` firing inputs, then gathers
+    just those weight rows ``block_k`` at a time, so work also follows the events). Masked:
+    ``waves`` is the aimed-for number of programs per multiprocessor, which sets the split of the
+    inputs, ``min_iters`` the fewest ``block_k`` steps a split may have. Compact: ``num_stages`` is
+    Triton's pipelining depth of the gather loop. :data:`DEFAULT_CONFIG` (masked) and
+    :data:`COMPACT_CONFIG` are the fastest at 50% sparsity (geometric mean over four shapes) of
+    ``benchmarks/gpu_sparse_gemv.py --sweep`` on an H200; :func:`best_kernel` picks between them
+    (and dense) per shape and sparsity."""
 
     block_n: int = 64
     block_k: int = 64
@@ -254,9 +331,18 @@ class KernelConfig:
     num_stages: int = 1  # the kernel pipelines its loads by hand
     prefetch: int = 3    # weight tiles in flight per program: 2 or 3
     reduce: str = "ticket"  # how split partial sums meet: "separate" kernel, "ticket" or "fenced" ticket
+    algorithm: str = "masked"  # or "compact"
+    inputs: int = 1024  # compact: inputs per program (a power of two)
+
+    def __post_init__(self):
+        if self.algorithm not in ("masked", "compact"):
+            raise ValueError(f"algorithm must be 'masked' or 'compact', got {self.algorithm!r}")
+        if self.inputs < 16 or self.inputs & (self.inputs - 1):
+            raise ValueError(f"inputs must be a power of two >= 16, got {self.inputs}")
 
 
 DEFAULT_CONFIG = KernelConfig()
+COMPACT_CONFIG = KernelConfig(algorithm="compact", block_n=128, block_k=32, num_warps=4, num_stages=4, inputs=1024)
 
 
 @functools.lru_cache(maxsize=None)
@@ -293,6 +379,27 @@ def _workspace(device: torch.device, split: int, rows: int, N: int, n_blocks: in
     return _workspaces[key]
 
 
+def _compact_gemv(x2: torch.Tensor, weight_t: torch.Tensor, t: torch.Tensor | None, bias: torch.Tensor | None,
+                  cfg: KernelConfig, n_load: int) -> torch.Tensor:
+    K, N = weight_t.shape
+    inputs = min(cfg.inputs, max(16, triton.next_power_of_2(K)))
+    split, n_blocks = _cdiv(K, inputs), _cdiv(N, cfg.block_n)
+    key = (x2.device, "compact", split, N, n_blocks, inputs)
+    if key not in _workspaces:  # partial sums, tickets, and each program's own index scratch
+        _workspaces[key] = (torch.empty(split * N, device=x2.device, dtype=torch.float32),
+                            torch.zeros(n_blocks, device=x2.device, dtype=torch.int32),
+                            torch.empty(n_blocks * split * inputs, device=x2.device, dtype=torch.int32))
+    partials, tickets, scratch = _workspaces[key]
+    y = torch.empty(1, N, device=x2.device, dtype=x2.dtype)
+    has_t = t is not None
+    _event_gemv_compact_kernel[(n_blocks, split)](
+        x2, t if has_t else x2, weight_t, bias if bias is not None else x2, y, partials, tickets, scratch,
+        N, K, n_load, weight_t.stride(0), SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split), HAS_T=has_t,
+        T_VEC=has_t and t.ndim == 1, HAS_BIAS=bias is not None, INPUTS=inputs, CHUNK=min(inputs, 1024),
+        NUM_STAGES=cfg.num_stages, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+    return y
+
+
 def _event_gemv_triton(x2: torch.Tensor, weight_t: torch.Tensor, t: torch.Tensor | None, bias: torch.Tensor | None,
                        cfg: KernelConfig) -> torch.Tensor:
     M, K = x2.shape
@@ -302,6 +409,10 @@ def _event_gemv_triton(x2: torch.Tensor, weight_t: torch.Tensor, t: torch.Tensor
     if weight_t.stride(0) > N and weight_t.untyped_storage().nbytes() >= \
             (weight_t.storage_offset() + K * weight_t.stride(0)) * weight_t.element_size():
         n_load = weight_t.stride(0)
+    if cfg.algorithm == "compact":
+        if M == 1:
+            return _compact_gemv(x2, weight_t, t, bias, cfg, n_load)
+        cfg = DEFAULT_CONFIG if DEFAULT_CONFIG.algorithm == "masked" else KernelConfig()  # several rows: masked
     n_sm = _sm_count(x2.device.index or 0) if x2.is_cuda else INTERPRETER_SM_COUNT
     block_m, block_k, k_per_split, split = _launch_shape(M, N, K, n_sm, cfg)
     n_blocks = _cdiv(N, cfg.block_n)
@@ -336,7 +447,9 @@ def event_gemv(x: torch.Tensor, weight_t: torch.Tensor, t: torch.Tensor | None =
     same dtype as ``x``; ``t``: a scalar or per-input threshold (``None``: skip exact zeros only);
     float32 accumulation, result in ``x.dtype``. ``backend``: ``"triton"``, ``"torch"``
     (:func:`event_gemv_torch`) or ``"auto"`` (Triton on CUDA for at most :data:`MAX_KERNEL_ROWS`
-    rows without autograd). ``config``: tiles and launch shape (default :data:`DEFAULT_CONFIG`).
+    rows without autograd). ``config``: which kernel, its tiles and launch shape (default
+    :data:`DEFAULT_CONFIG`, the masked kernel; :data:`COMPACT_CONFIG` compacts the events first and
+    takes one row only: for several rows the masked kernel runs).
     """
     K, N = weight_t.shape
     if x.shape[-1] != K:
@@ -418,7 +531,8 @@ class EventLinear(nn.Linear):
     :func:`event_gemv`: the torch fallback on CPU) or ``"dense"``. ``use_kernel`` is set by
     :func:`tune_event_kernels` from the measured sparsity and the break-even point of this shape.
     ``max_rows`` is 1 by default: for several rows the kernel lost to cuBLAS on an H200 at every
-    sparsity (``benchmarks/results/gpu_sparse_gemv.csv``, batch 4). The transposed weights are a
+    sparsity (``benchmarks/results/gpu_sparse_gemv.csv``, batch 4). ``config``: the kernel and tiles
+    (None: :data:`DEFAULT_CONFIG`), also set by :func:`tune_event_kernels`. The transposed weights are a
     cached copy (one more copy of each swapped matrix), remade when the weight changes (device,
     dtype, in-place update).
     """
@@ -442,6 +556,7 @@ class EventLinear(nn.Linear):
         self.mode = mode
         self.max_rows = max_rows
         self.use_kernel = True
+        self.config: KernelConfig | None = None  # the kernel to run; tune_event_kernels picks it
         self.sparsity: float | None = None  # measured by tune_event_kernels
         self._recording: list | None = None
         self._wt_key = self._wt = self._t_key = self._t = None
@@ -478,14 +593,15 @@ class EventLinear(nn.Linear):
             xt = threshold(x, t) if t is not None else x
             self._recording.append(float((xt == 0).float().mean()))
         if self._kernel_wanted(x):
-            return event_gemv(x, self.weight_t, t, self.bias)
+            return event_gemv(x, self.weight_t, t, self.bias, config=self.config)
         if t is not None:
             x = threshold(x, t)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         sparsity = "" if self.sparsity is None else f", sparsity={self.sparsity:.2f}"
-        return f"{super().extra_repr()}, mode={self.mode}, use_kernel={self.use_kernel}{sparsity}"
+        kernel = "" if self.config is None else f", kernel={self.config.algorithm}"
+        return f"{super().extra_repr()}, mode={self.mode}, use_kernel={self.use_kernel}{kernel}{sparsity}"
 
 
 def _site_linears(model) -> list[tuple[nn.Module, str, Threshold]]:
@@ -552,8 +668,9 @@ def disable_event_kernels(model) -> None:
 @torch.no_grad()
 def tune_event_kernels(model, sample: torch.Tensor, margin: float = 0.03) -> dict[str, float]:
     """Measure each EventLinear's input sparsity over step-mode decoding of ``sample`` (token ids
-    ``[B, T]``), then let it use the kernel only where that sparsity reaches the break-even point of
-    its shape on this GPU (:func:`break_even_sparsity`). Returns the measured sparsities."""
+    ``[B, T]``), then give each the fastest of dense, the masked and the compacting kernel for its
+    shape at that sparsity on this GPU (:func:`best_kernel`; a kernel must beat dense by ``margin``).
+    Returns the measured sparsities."""
     events = [m for m in model.modules() if isinstance(m, EventLinear)]
     if not events:
         raise ValueError("no EventLinear modules: call enable_event_kernels first")
@@ -573,8 +690,9 @@ def tune_event_kernels(model, sample: torch.Tensor, margin: float = 0.03) -> dic
             m.sparsity = sum(recorded[m]) / len(recorded[m])
             rows = sample.shape[0]
             if m.weight.is_cuda and HAS_TRITON and rows <= m.max_rows:
-                m.use_kernel = m.sparsity >= break_even_sparsity(m.in_features, m.out_features, m.weight.dtype,
-                                                                 m.weight.device, rows=rows, margin=margin)
+                m.config = best_kernel(m.in_features, m.out_features, m.weight.dtype, m.weight.device,
+                                       round(m.sparsity * 20) / 20, rows=rows, margin=margin)
+                m.use_kernel = m.config is not None
             out[name] = m.sparsity
     return out
 
@@ -640,17 +758,35 @@ def rotating_weights(K: int, N: int, device, dtype, min_bytes: int | None = None
 
 @functools.lru_cache(maxsize=None)
 def break_even_sparsity(K: int, N: int, dtype: torch.dtype, device: torch.device, rows: int = 1,
-                        margin: float = 0.03) -> float:
-    """Smallest sparsity (in steps of 0.05) at which the kernel beats the dense product on this GPU by
-    ``margin`` for an ``[N, K]`` matrix and ``rows`` input rows; 1.0 if it never does up to 0.9."""
+                        margin: float = 0.03, config: KernelConfig | None = None) -> float:
+    """Smallest sparsity (in steps of 0.05) at which the kernel (``config``) beats the dense product on
+    this GPU by ``margin`` for an ``[N, K]`` matrix and ``rows`` input rows; 1.0 if it never does up to 0.9."""
     ws, wts = rotating_weights(K, N, device, dtype)
     for s in [i / 20 for i in range(19)]:
         xs = sparse_inputs(rows, K, s, len(ws), device, dtype, seed=1)
         dense = gpu_time(cycling(lambda i: F.linear(xs[i], ws[i]), len(ws)))
-        kernel = gpu_time(cycling(lambda i: event_gemv(xs[i], wts[i]), len(ws)))
+        kernel = gpu_time(cycling(lambda i: event_gemv(xs[i], wts[i], config=config), len(ws)))
         if kernel <= (1 - margin) * dense:
             return s
     return 1.0
+
+
+@functools.lru_cache(maxsize=None)
+def best_kernel(K: int, N: int, dtype: torch.dtype, device: torch.device, sparsity: float, rows: int = 1,
+                margin: float = 0.03) -> KernelConfig | None:
+    """The fastest of :data:`DEFAULT_CONFIG` (masked) and, for one row, :data:`COMPACT_CONFIG` for an
+    ``[N, K]`` matrix at input ``sparsity`` on this GPU, timed against the dense product; None (use
+    dense) unless it beats dense by ``margin``."""
+    ws, wts = rotating_weights(K, N, device, dtype)
+    xs = sparse_inputs(rows, K, sparsity, len(ws), device, dtype, seed=1)
+    dense = gpu_time(cycling(lambda i: F.linear(xs[i], ws[i]), len(ws)))
+    best, best_time = None, (1 - margin) * dense
+    for cfg in (DEFAULT_CONFIG, COMPACT_CONFIG) if rows == 1 else (DEFAULT_CONFIG,):
+        t = gpu_time(cycling(lambda i: event_gemv(xs[i], wts[i], config=cfg), len(ws)))
+        if t < best_time:
+            best, best_time = cfg, t
+    del ws, wts
+    return best
 
 
 def cycling(fn, n: int):

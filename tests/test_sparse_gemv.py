@@ -192,7 +192,12 @@ INTERPRETED = textwrap.dedent("""
              (1, 128, 96, "scalar", True, KernelConfig(block_n=64, block_k=16, waves=64, min_iters=1)),  # 8 splits
              (3, 72, 40, "vector", True, KernelConfig(block_n=32, block_k=16, waves=16, min_iters=1)),  # 4 splits
              (1, 96, 48, "scalar", False, KernelConfig(block_n=16, block_k=16, waves=16, min_iters=1, prefetch=2,
-                                                       reduce="separate"))]  # 6 splits
+                                                       reduce="separate")),  # 6 splits
+             # the compacting kernel: one split, 4 and 7 splits (added as a tree of 8), and 3 rows (masked)
+             (1, 72, 40, "vector", True, KernelConfig(algorithm="compact", block_n=32, block_k=16, inputs=128)),
+             (1, 100, 70, None, False, KernelConfig(algorithm="compact", block_n=32, block_k=16, inputs=32)),
+             (1, 100, 70, "scalar", True, KernelConfig(algorithm="compact", block_n=64, block_k=16, inputs=16)),
+             (3, 72, 40, "vector", True, KernelConfig(algorithm="compact", block_n=32, block_k=16, inputs=32))]
     for dtype in (torch.float32, torch.float16):
         for rows, K, N, kind, bias, cfg in cases:
             x = torch.randn(rows, K)
@@ -221,3 +226,13 @@ def test_triton_kernel_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
+def test_kernel_config_is_checked():
+    from rllm.sparse_gemv import COMPACT_CONFIG, KernelConfig
+
+    assert COMPACT_CONFIG.algorithm == "compact"
+    with pytest.raises(ValueError, match="algorithm must be"):
+        KernelConfig(algorithm="sparse")
+    with pytest.raises(ValueError, match="power of two"):
+        KernelConfig(algorithm="compact", inputs=1000)
