@@ -37,6 +37,7 @@ VARIANTS = {
     "kl-slope-k8-floor-auto": dict(objective="kl", rule="slope", kappa=8.0, floor="auto"),
     "kl-slope-k8-floor0.3": dict(objective="kl", rule="slope", kappa=8.0, floor=0.3),
     "kl-slope-k4-floor-auto": dict(objective="kl", rule="slope", kappa=4.0, floor="auto"),
+    "kl-slope-k8-floor-auto-shrink-auto": dict(objective="kl", rule="slope", kappa=8.0, floor="auto", shrink="auto"),
 }
 
 

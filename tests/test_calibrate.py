@@ -117,3 +117,28 @@ def test_cli_writes_a_valid_schedule(tmp_path, capsys):
     assert s.algorithm == "sequential" and len(s.thresholds) == 15
     with pytest.raises(SystemExit):  # argparse: uniform takes --sparsity
         main(["random:2:16:64", "--algorithm", "uniform", "--tolerance", "0.1", "--out", str(out)])
+
+
+def test_shrink_toward_uniform(setup):
+    """shrink: lambda=0 gives uniform's allocation at the same MAC-weighted sparsity, 1 keeps the
+    schedule, "auto" cross-fits lambda on the calibration halves and records it."""
+    from thresholds import uniform
+    from thresholds.sequential import SHRINK_GRID, shrink_toward_uniform
+    m, tok = setup
+    base = sequential(m, tok, tolerance=0.05, progress=False)
+    one = sequential(m, tok, tolerance=0.05, shrink=1.0, progress=False)
+    assert one.thresholds == base.thresholds and one.params["shrink"] == 1.0
+    zero = sequential(m, tok, tolerance=0.05, shrink=0.0, progress=False)
+    u = uniform(m, tok, sparsity=base.sparsity_mac_weighted, target="mac", progress=False)
+    assert zero.thresholds == pytest.approx(u.thresholds, rel=1e-3, abs=1e-6)
+    half = shrink_toward_uniform(m, tok, base, 0.5)  # one scalar per block site
+    assert set(half) == {n for n in m.sites if n != "head"} and all(isinstance(t, float) for t in half.values())
+    for s in (zero, sequential(m, tok, tolerance=0.05, shrink=0.5, progress=False)):
+        assert s.sparsity_mac_weighted == pytest.approx(base.sparsity_mac_weighted, abs=0.03)
+    auto = sequential(m, tok, tolerance=0.05, shrink="auto", progress=False)
+    assert auto.extra["shrink"]["lambda"] in SHRINK_GRID and len(auto.extra["shrink"]["cv_loss"]) == len(SHRINK_GRID)
+    assert all(float(t.abs().max()) == 0 for t in m.get_thresholds().values())  # the model is left as found
+    with pytest.raises(ValueError):
+        sequential(m, tok, tolerance=0.05, shrink=1.5, progress=False)
+    with pytest.raises(ValueError):
+        sequential(m, tok, variant="paper", shrink=0.5, progress=False)
