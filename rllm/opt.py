@@ -28,6 +28,7 @@ several continuations). OPT's positions are learned and absolute: a stream longe
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -228,9 +229,14 @@ class EventOPT(nn.Module):
 
 def _cache_argument(hf) -> str:
     """The name under which this transformers version's OPT forward takes the key/value cache."""
+    return _cache_argument_of(type(hf))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument_of(cls) -> str:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 # --------------------------------------------------------------------------------------------
