@@ -528,8 +528,9 @@ class EventLinear(nn.Linear):
     ``site``: the :class:`EventThreshold` whose output this module reads; when it is ``deferred``
     this module applies its threshold. ``mode``: ``"auto"`` (the kernel on CUDA for at most
     ``max_rows`` rows when ``use_kernel``, the dense product otherwise), ``"kernel"`` (always
-    :func:`event_gemv`: the torch fallback on CPU) or ``"dense"``. ``use_kernel`` is set by
-    :func:`tune_event_kernels` from the measured sparsity and the break-even point of this shape.
+    :func:`event_gemv`: the torch fallback on CPU) or ``"dense"``. ``use_kernel`` (and ``config``)
+    are set by :func:`tune_event_kernels`: whichever of dense and the two kernels is fastest for this
+    shape at the measured sparsity (:func:`best_kernel`).
     ``max_rows`` is 1 by default: for several rows the kernel lost to cuBLAS on an H200 at every
     sparsity (``benchmarks/results/gpu_sparse_gemv.csv``, batch 4). ``config``: the kernel and tiles
     (None: :data:`DEFAULT_CONFIG`), also set by :func:`tune_event_kernels`. The transposed weights are a
@@ -633,8 +634,9 @@ def enable_event_kernels(model, *, mode: str = "auto", fuse_thresholds: bool = T
     Weights stay shared (and the transposed copies are made on first use on the model's device).
     ``fuse_thresholds``: the kernel applies each site's threshold as it reads the input (the site
     itself passes ``x`` through). ``sample`` (token ids ``[B, T]``): run :func:`tune_event_kernels`
-    on it, so that each module uses the kernel only above its break-even sparsity; without it every
-    module uses the kernel in ``auto`` mode wherever it can run. Enabling twice re-enables.
+    on it, so that each module runs the fastest of dense and the two kernels at its sparsity; without
+    it every module uses the masked kernel in ``auto`` mode wherever it can run. Enabling twice
+    re-enables.
     """
     disable_event_kernels(model)
     pairs = _site_linears(model)
