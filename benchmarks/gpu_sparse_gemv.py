@@ -42,9 +42,9 @@ import torch.nn.functional as F
 
 from rllm import sparse_gemv
 from rllm.model import RWKV, RWKVConfig, randomize_weights
-from rllm.sparse_gemv import (KernelConfig, best_kernel, break_even_sparsity, cycling, enable_event_kernels, event_gemv,
-                              event_gemv_torch, gpu_time, rotating_weights, sparse_inputs, threshold,
-                              transpose_weight)
+from rllm.sparse_gemv import (KernelConfig, best_kernel, break_even_sparsity, capture_graph, cycling,
+                              enable_event_kernels, event_gemv, event_gemv_torch, gpu_time, rotating_weights,
+                              sparse_inputs, threshold, transpose_weight)
 
 SHAPES = [  # name, inputs K, outputs N: the matrix is [N, K]
     ("430m att 1024x1024", 1024, 1024),
@@ -321,15 +321,7 @@ def decode_graph(model, first: int, n: int) -> tuple[list[int], float]:
             getattr(state, a).copy_(getattr(new, a))
         tok.copy_(logits.argmax(-1))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture_graph(step, warmup=2)
     tok.fill_(first)
     for a in ("att_x", "ffn_x", "aa", "bb", "pp"):
         getattr(state, a).copy_(getattr(fresh, a))

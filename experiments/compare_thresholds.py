@@ -155,15 +155,7 @@ class Runner:
 
     def bisect_target(self, run, lo=0.0, hi=0.95, iters=7):
         """Largest target whose schedule keeps the calibration ppl within 5% of dense."""
-        best = None
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            s = run(mid)
-            if s.summary["loss"] - s.summary["dense_loss"] <= LN105:
-                best, lo = s, mid
-            else:
-                hi = mid
-        return best
+        return bisect_within_5pct(run, lo, hi, iters)
 
     def scaled_to_5pct(self, sched):
         """A schedule's thresholds times the largest common factor keeping calibration ppl within 5%."""
@@ -177,19 +169,31 @@ class Runner:
                                       algorithm=sched.algorithm, params={**sched.params, "scale": f},
                                       calib_description=self.calib_desc, t0=t0, device=dev, model_name=self.name)
             s = make(1.0)
-            if s.summary["loss"] - s.summary["dense_loss"] <= LN105:  # grow
+            if within_5pct(s):  # grow
                 lo, hi, best = 1.0, 4.0, s
                 s4 = make(4.0)
-                if s4.summary["loss"] - s4.summary["dense_loss"] <= LN105:
+                if within_5pct(s4):
                     return s4.replace(cost_s=sched.cost_s + s4.cost_s)
-            for _ in range(6):
-                mid = (lo + hi) / 2
-                s = make(mid)
-                if s.summary["loss"] - s.summary["dense_loss"] <= LN105:
-                    best, lo = s, mid
-                else:
-                    hi = mid
+            best = bisect_within_5pct(make, lo, hi, 6, best)
         return None if best is None else best.replace(cost_s=sched.cost_s + (time.perf_counter() - t0))
+
+
+def within_5pct(sched) -> bool:
+    """Whether a schedule keeps its calibration perplexity within 5% of dense."""
+    return sched.summary["loss"] - sched.summary["dense_loss"] <= LN105
+
+
+def bisect_within_5pct(make, lo: float, hi: float, iters: int, best=None):
+    """Bisect the knob of ``make(knob) -> Schedule`` on [lo, hi] for the largest value whose schedule
+    stays within 5% (``best``: the one known at ``lo``, if any); returns that schedule or None."""
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        s = make(mid)
+        if within_5pct(s):
+            best, lo = s, mid
+        else:
+            hi = mid
+    return best
 
 
 def token_nll(model, ids, thresholds, ctx: int, device=None) -> np.ndarray:

@@ -70,8 +70,8 @@ except ImportError:  # CPU-only installs: the torch fallback does everything
 
 __all__ = ["HAS_TRITON", "MAX_KERNEL_ROWS", "KernelConfig", "DEFAULT_CONFIG", "COMPACT_CONFIG", "threshold",
            "event_gemv", "event_gemv_torch", "EventLinear", "EventThreshold", "enable_event_kernels",
-           "disable_event_kernels", "tune_event_kernels", "break_even_sparsity", "best_kernel", "gpu_time", "cycling", "sparse_inputs", "rotating_weights",
-           "transpose_weight"]
+           "disable_event_kernels", "tune_event_kernels", "break_even_sparsity", "best_kernel", "capture_graph",
+           "gpu_time", "cycling", "sparse_inputs", "rotating_weights", "transpose_weight"]
 
 MAX_KERNEL_ROWS = 16  # the kernel's batch limit: beyond it the union of events is dense anyway
 
@@ -703,6 +703,22 @@ def tune_event_kernels(model, sample: torch.Tensor, margin: float = 0.03) -> dic
 # Timing on the GPU
 # --------------------------------------------------------------------------------------------
 
+def capture_graph(fn, *, warmup: int = 3, calls: int = 1) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of ``calls`` calls of ``fn``, after ``warmup`` calls on a side stream (compilation,
+    allocation: what graph capture must not see for the first time)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
 def gpu_time(fn, *, calls: int = 20, replays: int = 7) -> float:
     """Median seconds per call of ``fn`` on the current CUDA device, from CUDA-graph replays.
 
@@ -710,16 +726,7 @@ def gpu_time(fn, *, calls: int = 20, replays: int = 7) -> float:
     in one graph (so launch overhead from Python is not what is measured) and the graph replayed
     ``replays`` times, each timed with CUDA events.
     """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    graph = capture_graph(fn, calls=calls)
     graph.replay()
     times = []
     for _ in range(replays):
