@@ -2,19 +2,24 @@
 
 One run on one CUDA GPU, everything side by side:
 
-1. **Check**: the Triton kernel (each way of adding split sums) against a float64 reference on
+1. **Check**: the Triton kernels (the masked one with each way of adding split sums, the
+   compacting one, the event list in both configurations) against a float64 reference on
    real shapes (fp16, bf16, fp32; 1 to 16 rows; no/scalar/per-input threshold; bias), with NaN in
    the weights of every silent input (reading one would show), repeated launches bit-identical,
    CUDA-graph replay equal to eager, back-to-back launches on different inputs, and every matrix
    of a small fp16 RWKV-4 decoding with thresholds.
 2. **Latency** per matrix shape (RWKV-4 430M and 1.5B, and the 4096x14336 MLP shape the field
    reports, both ways round) at 0-90% input sparsity: dense ``F.linear`` (cuBLAS) on the sparse
-   input; the kernel on the same input (``kernel``); the kernel thresholding a dense input itself
-   (``fused``); and ``auto``, what ``EventLinear`` runs: dense below the break-even sparsity that
-   ``break_even_sparsity`` measures separately, the kernel above it. Weights rotate over enough
-   copies to overflow L2 three times; each figure is the median of CUDA-graph replays. With
-   ``--sweep``, tile configurations are timed first and the best is used for the rest of the run
-   (that is how ``rllm.sparse_gemv.DEFAULT_CONFIG`` was chosen).
+   input; the masked kernel on the same input (``kernel``) and thresholding a dense input itself
+   (``fused``); the same for the compacting kernel (``compact``) and the event list (``events``,
+   list + product; ``gather``: its product alone, given the list); ``ideal``: cuBLAS on only the
+   firing rows, gathered beforehand for free (padded to a multiple of 64), the speed-up a kernel
+   streaming the firing rows as well as cuBLAS streams a dense matrix would reach; and ``auto``,
+   what a tuned ``EventLinear`` runs (``best_kernel``: the fastest of dense and the kernels,
+   timed separately). Weights rotate over enough copies to overflow L2 three times; each figure is the
+   median of CUDA-graph replays of 20 back-to-back calls. With ``--sweep``, tile configurations
+   are timed first and the best are used for the rest of the run (that is how the configurations
+   in ``rllm.sparse_gemv`` were chosen).
 3. **Decode**: greedy step-mode decoding of an RWKV-4 430M-shaped model (random weights) with
    uniform per-site thresholds (the quantile of |x| at each site) for ~40/50/60% sparsity, dense
    (``enable_event_kernels(mode="dense")``: the same sync-free sites, cuBLAS products) vs event
@@ -78,7 +83,14 @@ def guarded(what, fn, *args):
 # --- 1. correctness on the GPU -------------------------------------------------------------
 
 REDUCES = ("separate", "ticket", "fenced")  # how the kernel's split partial sums are added (KernelConfig.reduce)
-VARIANTS = REDUCES + ("compact",)  # the masked kernel with each reduction, and the compacting kernel
+# the masked kernel with each reduction, the compacting kernel and the event list (both configurations)
+VARIANTS = REDUCES + ("compact", "events", "events-narrow")
+
+
+def variant_config(variant: str) -> KernelConfig:
+    return {"compact": sparse_gemv.COMPACT_CONFIG, "events": sparse_gemv.EVENT_LIST_CONFIGS[0],
+            "events-narrow": sparse_gemv.EVENT_LIST_CONFIGS[1]}.get(variant) or \
+        replace(sparse_gemv.DEFAULT_CONFIG, reduce=variant)
 
 
 def rel_err(y, ref) -> float:
@@ -102,7 +114,7 @@ def check_kernel(dev) -> pd.DataFrame:
     rows = []
     g = torch.Generator(device=dev).manual_seed(0)
     for reduce in VARIANTS:
-        cfg = sparse_gemv.COMPACT_CONFIG if reduce == "compact" else replace(sparse_gemv.DEFAULT_CONFIG, reduce=reduce)
+        cfg = variant_config(reduce)
         for m, K, N, kind, has_bias, dtype in cases:
             x = torch.randn(m, K, device=dev, generator=g)
             x[torch.rand(m, K, device=dev, generator=g) < 0.5] = 0
@@ -139,7 +151,7 @@ def check_kernel(dev) -> pd.DataFrame:
                       for x, y in zip(xs, ys))
             rows.append(dict(reduce=reduce, case="back-to-back", rows=1, K=K, N=N, threshold="scalar", bias=False,
                              dtype="float16", rel_err=err, passed=err < 2e-3))
-        rows.append(model_check(dev, cfg))
+        rows.append(model_check(dev, cfg, reduce))
     df = pd.DataFrame(rows)
     log(df.to_string(index=False))
     log(f"gpu kernel check: {int(df.passed.sum())} passed, {int((~df.passed).sum())} failed")
@@ -147,7 +159,7 @@ def check_kernel(dev) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def model_check(dev, cfg) -> dict:
+def model_check(dev, cfg, variant: str) -> dict:
     """Each EventLinear of a 2-layer RWKV-4 (width 1024, fp16, ~50% thresholds) running the kernel vs
     float64 on its own thresholded input, over 4 decoding steps; and the first logits vs dense."""
     model = randomize_weights(RWKV(RWKVConfig(vocab_size=2000, n_layer=2, n_embd=1024)), seed=1).to(dev).eval()
@@ -177,7 +189,7 @@ def model_check(dev, cfg) -> dict:
     finally:
         sparse_gemv.DEFAULT_CONFIG = saved
     diff = float((event - dense).abs().max() / dense.std())
-    return dict(reduce=cfg.reduce, case="rwkv 2x1024 fp16", rows=1, K=1024, N=4096, threshold="scalar",
+    return dict(reduce=variant, case="rwkv 2x1024 fp16", rows=1, K=1024, N=4096, threshold="scalar",
                 dtype="float16", rel_err=worst, logits_diff_over_std=diff, passed=worst < 2e-3)
 
 
@@ -185,7 +197,10 @@ def model_check(dev, cfg) -> dict:
 
 def time_shape(K, N, sparsities, dev, dtype, rows=1, config=None, modes=("dense", "kernel", "fused")):
     """Per sparsity: seconds per call of dense / kernel (sparse input) / fused (threshold in the kernel);
-    compact and compact_fused: the same with the compacting kernel."""
+    compact and compact_fused: the same with the compacting kernel; events and events_fused: with the
+    event list (the faster of its two configurations, events_config); gather: the event list's product
+    alone, given the list; ideal: cuBLAS on only the firing rows, gathered beforehand (what a kernel
+    streaming the firing rows as well as cuBLAS streams a dense matrix would take)."""
     ws, wts = rotating_weights(K, N, dev, dtype)
     out = []
     for s in sparsities:
@@ -200,11 +215,34 @@ def time_shape(K, N, sparsities, dev, dtype, rows=1, config=None, modes=("dense"
         if "compact" in modes:
             r["compact"] = gpu_time(cycling(lambda i: event_gemv(xs[i], wts[i], config=sparse_gemv.COMPACT_CONFIG),
                                             len(ws)))
-        if "fused" in modes or "compact_fused" in modes:
+        if "events" in modes:
+            times = [gpu_time(cycling(lambda i: event_gemv(xs[i], wts[i], config=cfg), len(ws)))
+                     for cfg in sparse_gemv.EVENT_LIST_CONFIGS]
+            r["events"] = min(times)
+            events_cfg = sparse_gemv.EVENT_LIST_CONFIGS[times.index(r["events"])]
+            r["events_config"] = f"block_n={events_cfg.block_n}"
+        if "gather" in modes:
+            pdl = sparse_gemv._pdl(events_cfg, dev)
+            lists = [tuple(a.clone() for a in sparse_gemv.event_list(x[0])) for x in xs]
+            r["gather"] = gpu_time(cycling(lambda i: sparse_gemv.event_list_gemv(lists[i], wts[i], None, events_cfg,
+                                                                                 dtype, pdl=pdl), len(ws)))
+            del lists
+        if "ideal" in modes:
+            # cuBLAS is slow for some odd inner sizes: the firing rows are padded to a multiple of 64
+            # with silent inputs of zero weight, as a gathering kernel's tiles would be
+            fire = [(x != 0).any(0).nonzero().squeeze(1) for x in xs]
+            pad = [(-len(f)) % 64 for f in fire]
+            xg = [F.pad(x[:, f], (0, p)) for x, f, p in zip(xs, fire, pad)]
+            wg = [F.pad(w[:, f], (0, p)) for w, f, p in zip(ws, fire, pad)]
+            r["ideal"] = gpu_time(cycling(lambda i: F.linear(xg[i], wg[i]), len(ws)))
+            del xg, wg
+        if any(m in modes for m in ("fused", "compact_fused", "events_fused")):
             # A dense input and the threshold that silences the same share of it: |N(0,1)|'s quantile.
             raw = sparse_inputs(rows, K, 0.0, len(ws), dev, dtype, seed=int(100 * s) + 1)
             t = torch.tensor(math.sqrt(2) * torch.erfinv(torch.tensor(s)).item(), device=dev, dtype=dtype)
-            for mode, cfg in (("fused", config), ("compact_fused", sparse_gemv.COMPACT_CONFIG)):
+            fused = (("fused", config), ("compact_fused", sparse_gemv.COMPACT_CONFIG),
+                     ("events_fused", events_cfg if "events" in modes else None))
+            for mode, cfg in fused:
                 if mode in modes:
                     r[mode] = gpu_time(cycling(lambda i: event_gemv(raw[i], wts[i], t, config=cfg), len(ws)))
         out.append(r)
@@ -219,15 +257,14 @@ def latency(dev, dtype) -> pd.DataFrame:
         t0 = time.perf_counter()
         be = break_even_sparsity(K, N, dtype, dev)
         be_compact = break_even_sparsity(K, N, dtype, dev, config=sparse_gemv.COMPACT_CONFIG)
-        for r in time_shape(K, N, SPARSITIES, dev, dtype, modes=("dense", "kernel", "fused", "compact",
-                                                                  "compact_fused")):
+        modes = ("dense", "kernel", "fused", "compact", "compact_fused", "events", "events_fused", "gather", "ideal")
+        for r in time_shape(K, N, SPARSITIES, dev, dtype, modes=modes):
             # auto: what a tuned EventLinear runs, chosen by best_kernel's own (separate) timing
             choice = best_kernel(K, N, dtype, dev, r["sparsity"])
-            pick = "dense" if choice is None else ("compact" if choice.algorithm == "compact" else "kernel")
+            pick = "dense" if choice is None else {"masked": "kernel"}.get(choice.algorithm, choice.algorithm)
             rows.append(dict(matrix=name, K=K, N=N, rows=1, sparsity=r["sparsity"], break_even=be,
-                             break_even_compact=be_compact, dense_us=1e6 * r["dense"], kernel_us=1e6 * r["kernel"],
-                             fused_us=1e6 * r["fused"], compact_us=1e6 * r["compact"],
-                             compact_fused_us=1e6 * r["compact_fused"], auto=pick, auto_us=1e6 * r[pick],
+                             break_even_compact=be_compact, **{f"{m}_us": 1e6 * r[m] for m in modes},
+                             events_config=r["events_config"], auto=pick, auto_us=1e6 * r[pick],
                              dense_repeat_us=1e6 * r.get("dense_repeat", math.nan)))
         log(f"  {name}: break-even masked {be:.2f}, compact {be_compact:.2f}, {time.perf_counter() - t0:.1f} s")
     for name, K, N in (SHAPES[5], SHAPES[7]):  # small batches: an input's row is read if it fires in any row
@@ -237,10 +274,14 @@ def latency(dev, dtype) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df["speedup_kernel"] = df.dense_us / df.kernel_us
     df["speedup_compact"] = df.dense_us / df.compact_us
+    df["speedup_events"] = df.dense_us / df.events_us
+    df["speedup_gather"] = df.dense_us / df.gather_us
+    df["speedup_ideal"] = df.dense_us / df.ideal_us
     df["speedup_auto"] = df.dense_us / df.auto_us
     df["dense_GBps"] = df.K * df.N * torch.finfo(dtype).bits / 8 / (df.dense_us * 1e3)
     df["kernel_GBps_read"] = (1 - df.sparsity) * df.K * df.N * torch.finfo(dtype).bits / 8 / (df.kernel_us * 1e3)
     df["compact_GBps_read"] = (1 - df.sparsity) * df.K * df.N * torch.finfo(dtype).bits / 8 / (df.compact_us * 1e3)
+    df["events_GBps_read"] = (1 - df.sparsity) * df.K * df.N * torch.finfo(dtype).bits / 8 / (df.events_us * 1e3)
     return df
 
 
@@ -285,11 +326,23 @@ def sweep(dev, dtype, reduces) -> tuple[pd.DataFrame, KernelConfig]:
     rows += run(compact, len(configs))
     best_compact = best_of(pd.DataFrame(rows), {len(configs) + i: c for i, c in enumerate(compact)})
     configs += compact
+    events = [KernelConfig(algorithm="events", pdl=True, **c) for c in (
+        dict(block_n=64, block_k=64, num_stages=5, waves=2), dict(block_n=32, block_k=64, num_stages=5, waves=2),
+        dict(block_n=64, block_k=32, num_stages=5, waves=2), dict(block_n=64, block_k=64, num_stages=3, waves=2),
+        dict(block_n=64, block_k=64, num_stages=5, waves=4), dict(block_n=128, block_k=32, num_stages=4, waves=2),
+        dict(block_n=64, block_k=64, num_stages=5, num_warps=8, waves=2))]
+    events += [replace(events[0], pdl=False)]
+    rows += run(events, len(configs))
+    numbered = {len(configs) + i: c for i, c in enumerate(events)}
+    best_events = best_of(pd.DataFrame(rows), numbered)  # and the best with other output blocks beside it
+    second = best_of(pd.DataFrame(rows), {i: c for i, c in numbered.items() if c.block_n != best_events.block_n})
+    configs += events
     df = pd.DataFrame(rows)
     log(df.pivot_table(index="config", columns=["matrix", "sparsity"], values="kernel_us").round(1).to_string())
     log("configs: " + "; ".join(f"{i}: {c}" for i, c in enumerate(configs)))
-    log(f"best at 50% sparsity (geometric mean): masked {best}; compacting {best_compact}")
-    return df, best, best_compact
+    log(f"best at 50% sparsity (geometric mean): masked {best}; compacting {best_compact}; "
+        f"event list {best_events}, {second}")
+    return df, best, best_compact, (best_events, second)
 
 
 # --- 3. decode ------------------------------------------------------------------------------
@@ -441,7 +494,9 @@ def plot(lat: pd.DataFrame, dec: pd.DataFrame | None, gpu: str, path: Path) -> N
         ax.plot(d.sparsity, d.dense_us, "k-o", ms=3, label="dense (cuBLAS)")
         ax.plot(d.sparsity, d.kernel_us, "C0-o", ms=3, label="masked kernel")
         ax.plot(d.sparsity, d.compact_us, "C2-o", ms=3, label="compacting kernel")
-        ax.plot(d.sparsity, d.compact_fused_us, "C1--", label="compacting + threshold")
+        ax.plot(d.sparsity, d.events_us, "C3-o", ms=3, label="event list + product")
+        ax.plot(d.sparsity, d.events_fused_us, "C1--", label="event list + product, thresholding")
+        ax.plot(d.sparsity, d.ideal_us, "k:", label="cuBLAS on the firing rows alone")
         ax.plot(d.sparsity, d.dense_us.iloc[0] * (1 - d.sparsity), ":", color="gray", label="dense x (1 - s)")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("input sparsity")
@@ -499,13 +554,14 @@ def main(argv=None) -> None:
         sw = guarded("sweep", sweep, dev, dtype, [r for r in REDUCES if ok.get(r, False)])
         if sw is not None:
             sw[0].assign(gpu=gpu).to_csv(out / "gpu_sparse_gemv_sweep.csv", index=False)
-            sparse_gemv.DEFAULT_CONFIG, sparse_gemv.COMPACT_CONFIG = sw[1], sw[2]
+            sparse_gemv.DEFAULT_CONFIG, sparse_gemv.COMPACT_CONFIG, sparse_gemv.EVENT_LIST_CONFIGS = sw[1:]
         log(f"sweep done at {time.perf_counter() - t0:.0f} s; kernel configs for the rest: "
-            f"{sparse_gemv.DEFAULT_CONFIG}, {sparse_gemv.COMPACT_CONFIG}")
+            f"{sparse_gemv.DEFAULT_CONFIG}, {sparse_gemv.COMPACT_CONFIG}, {sparse_gemv.EVENT_LIST_CONFIGS}")
     lat = guarded("latency", latency, dev, dtype)
     if lat is not None:
         lat = lat.assign(gpu=gpu, dtype=a.dtype, copy_GBps=copy_bw, config=str(sparse_gemv.DEFAULT_CONFIG),
-                         compact_config=str(sparse_gemv.COMPACT_CONFIG))
+                         compact_config=str(sparse_gemv.COMPACT_CONFIG),
+                         events_configs=str(sparse_gemv.EVENT_LIST_CONFIGS))
         lat.to_csv(out / "gpu_sparse_gemv.csv", index=False)
     log(f"latency done at {time.perf_counter() - t0:.0f} s")
     dec = None
@@ -521,14 +577,17 @@ def main(argv=None) -> None:
 
     pd.set_option("display.width", 200)
     one = lat[lat.rows == 1]
-    for col, what in (("speedup_kernel", "masked kernel"), ("speedup_compact", "compacting kernel")):
+    for col, what in (("speedup_kernel", "masked kernel"), ("speedup_compact", "compacting kernel"),
+                      ("speedup_events", "event list (list + product)"),
+                      ("speedup_gather", "event list's product alone, given the list"),
+                      ("speedup_ideal", "ceiling: cuBLAS on the firing rows, gathered beforehand")):
         table = one.pivot(index="sparsity", columns="matrix", values=col)[[s for s, _, _ in SHAPES]]
         log(f"\n{what}: speedup over dense (dense_us / kernel_us), batch 1:")
         log(table.round(2).to_string())
-    log("\nauto (the fastest of dense, masked and compacting by best_kernel's timing) at 0, 50 and 90% sparsity:")
+    log("\nauto (the fastest of dense and the kernels by best_kernel's timing) at 0, 50 and 90% sparsity:")
     log(one[one.sparsity.isin([0.0, 0.5, 0.9])][["matrix", "sparsity", "dense_us", "kernel_us", "compact_us",
-                                                   "auto", "auto_us", "speedup_auto", "dense_GBps",
-                                                   "compact_GBps_read"]].round(2).to_string(index=False))
+                                                   "events_us", "ideal_us", "auto", "auto_us", "speedup_auto",
+                                                   "dense_GBps", "events_GBps_read"]].round(2).to_string(index=False))
     log("\nbatch 4:")
     log(lat[lat.rows == 4][["matrix", "sparsity", "dense_us", "kernel_us", "speedup_kernel"]].round(2)
         .to_string(index=False))

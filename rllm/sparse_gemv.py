@@ -28,14 +28,21 @@ sparsity. The *compacting* kernel (one row; ``KernelConfig(algorithm="compact")`
 its firing inputs (a prefix sum) in its own scratch, then gathers just those weight rows; splits
 meet through the same ticket, their sums added as one tree. It wins at high sparsity and on large
 matrices, and loses on small ones, where its fixed cost (compaction, adding the splits)
-dominates. ``benchmarks/gpu_sparse_gemv.py --sweep`` chose both configurations; its CSVs hold what
-each achieves against cuBLAS.
+dominates. Every program of the compacting kernel compacts its inputs anew; the *event-list*
+path (``KernelConfig(algorithm="events")``, :data:`EVENT_LIST_CONFIGS`) does it once, as the chip's
+producing core does: a small kernel writes the list of events (index, value) of ``x``
+(:func:`event_list`), then the product's programs share the listed events evenly and gather only
+their weight rows (:func:`event_list_gemv`); on Hopper both are launched with programmatic
+dependent launch, so the product's programs are in place when the list is written.
+``benchmarks/gpu_sparse_gemv.py --sweep`` chose the configurations; its CSVs hold what each
+achieves against cuBLAS, and against cuBLAS on the firing rows alone gathered beforehand, the
+speed-up a kernel streaming as well as cuBLAS could at best reach.
 
 Falling back. On CPU, without Triton, for more rows, or under autograd the same function runs in
 plain torch (:func:`event_gemv_torch`: gather the rows of the firing inputs, one float32 matmul).
 :class:`EventLinear` runs, per matrix, the fastest of dense (cuBLAS through ``F.linear``), the masked
-and the compacting kernel at the sparsity its input shows, as timed on the GPU at hand by
-:func:`best_kernel` (:func:`tune_event_kernels`); and dense for batches of more than ``max_rows``
+kernel, the compacting kernel and the event list at the sparsity its input shows, as timed on the
+GPU at hand by :func:`best_kernel` (:func:`tune_event_kernels`); and dense for batches of more than ``max_rows``
 rows (sequence mode, calibration).
 
 Models. :func:`enable_event_kernels` swaps the ``nn.Linear`` modules fed by activation sites of an
@@ -68,12 +75,29 @@ try:
 except ImportError:  # CPU-only installs: the torch fallback does everything
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "MAX_KERNEL_ROWS", "KernelConfig", "DEFAULT_CONFIG", "COMPACT_CONFIG", "threshold",
-           "event_gemv", "event_gemv_torch", "EventLinear", "EventThreshold", "enable_event_kernels",
-           "disable_event_kernels", "tune_event_kernels", "break_even_sparsity", "best_kernel", "capture_graph",
+HAS_PDL = False  # Triton exposes programmatic dependent launch (Hopper's griddepcontrol)
+if HAS_TRITON:
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+        HAS_PDL = True
+    except ImportError:  # older Triton: configurations asking for PDL launch without it
+        @triton.jit
+        def gdc_wait():
+            pass
+
+        @triton.jit
+        def gdc_launch_dependents():
+            pass
+
+__all__ = ["HAS_TRITON", "HAS_PDL", "MAX_KERNEL_ROWS", "KernelConfig", "DEFAULT_CONFIG", "COMPACT_CONFIG",
+           "EVENT_LIST_CONFIGS", "threshold", "event_gemv", "event_gemv_torch", "event_list", "event_list_gemv",
+           "EventLinear", "EventThreshold", "enable_event_kernels", "disable_event_kernels", "tune_event_kernels",
+           "break_even_sparsity", "best_kernel", "capture_graph",
            "gpu_time", "cycling", "sparse_inputs", "rotating_weights", "transpose_weight"]
 
 MAX_KERNEL_ROWS = 16  # the kernel's batch limit: beyond it the union of events is dense anyway
+ALGORITHMS = ("masked", "compact", "events")
 
 
 def threshold(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -251,15 +275,7 @@ if HAS_TRITON:
         count = 0
         for c0 in tl.static_range(0, INPUTS, CHUNK):
             offs = k_lo + c0 + tl.arange(0, CHUNK)
-            ok = offs < k_hi
-            x = tl.load(X + offs, mask=ok, other=0.0)
-            fire = (x != 0) & ok
-            if HAS_T:
-                if T_VEC:
-                    t = tl.load(T + offs, mask=ok, other=0.0)
-                else:
-                    t = tl.load(T)
-                fire = fire & (tl.abs(x) >= t)
+            _, fire = _fires(X, T, offs, offs < k_hi, HAS_T, T_VEC)
             f = fire.to(tl.int32)
             tl.store(S + count + tl.cumsum(f, axis=0) - 1, offs, mask=fire)
             count += tl.sum(f, axis=0)
@@ -290,9 +306,16 @@ if HAS_TRITON:
             x = tl.load(X + k, mask=ok, other=0.0)
             w = tl.load(WT + k[:, None] * stride_wk + offs_n[None, :], mask=ok[:, None] & n_load[None, :], other=0.0)
             acc += x.to(tl.float32)[:, None] * w.to(tl.float32)
-        out = tl.sum(acc, axis=0)
+        _finish_row(tl.sum(acc, axis=0), BIAS, Y, P, TICKETS, N, offs_n, n_ok, pid_n, pid_k, SPLIT_K, SPLIT_P2,
+                    HAS_BIAS)
+
+    @triton.jit
+    def _finish_row(out, BIAS, Y, P, TICKETS, N, offs_n, n_ok, pid_n, pid_k, SPLIT_K: tl.constexpr,
+                    SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """One row's split partial sums ``out`` meet: the last program of this output block to arrive (an
+        atomic ticket) adds them as one tree, adds the bias and writes ``y``."""
         last = pid_k == 0
-        if SPLIT_K > 1:  # the last program of this output block to arrive adds the splits (a tree, in one load)
+        if SPLIT_K > 1:
             tl.store(P + pid_k * N + offs_n, out, mask=n_ok)
             tl.debug_barrier()
             ticket = tl.atomic_add(TICKETS + pid_n, 1, sem="acq_rel")
@@ -307,21 +330,96 @@ if HAS_TRITON:
                 out += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             tl.store(Y + offs_n, out.to(Y.dtype.element_ty), mask=n_ok)
 
+    @triton.jit
+    def _fires(X, T, offs, ok, HAS_T: tl.constexpr, T_VEC: tl.constexpr):
+        """(x, whether each input fires) at ``offs``."""
+        x = tl.load(X + offs, mask=ok, other=0.0)
+        fire = (x != 0) & ok
+        if HAS_T:
+            if T_VEC:
+                t = tl.load(T + offs, mask=ok, other=0.0)
+            else:
+                t = tl.load(T)
+            fire = fire & (tl.abs(x) >= t)
+        return x, fire
+
+    @triton.jit
+    def _event_list_kernel(X, T, IDX, VAL, COUNT, K, HAS_T: tl.constexpr, T_VEC: tl.constexpr,
+                           CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
+        """The events of ``x``, listed once: the indices of the firing inputs in order at ``IDX[0:count]``,
+        their values (float32) at ``VAL``, ``count`` at ``COUNT``. Program ``c`` lists chunk ``c``; where its
+        events go, it learns by counting the events of the chunks before it itself (one load of at most
+        ``K`` inputs, no waiting on other programs)."""
+        c = tl.program_id(0)
+        if PDL:
+            gdc_wait()  # x is written by the kernel before this one
+            gdc_launch_dependents()  # the product's programs may take their places now (they wait for the list)
+        chunks = tl.arange(0, CHUNKS_P2)
+        ar = tl.arange(0, CHUNK)
+        offs2 = chunks[:, None] * CHUNK + ar[None, :]
+        _, fire2 = _fires(X, T, offs2, (chunks[:, None] < c) & (offs2 < K), HAS_T, T_VEC)
+        before = tl.sum(tl.sum(fire2.to(tl.int32), axis=1), axis=0)
+        offs = c * CHUNK + ar
+        x, fire = _fires(X, T, offs, offs < K, HAS_T, T_VEC)
+        f = fire.to(tl.int32)
+        pos = before + tl.cumsum(f, axis=0) - 1
+        tl.store(IDX + pos, offs, mask=fire)
+        tl.store(VAL + pos, x.to(tl.float32), mask=fire)
+        if c == tl.num_programs(0) - 1:
+            tl.store(COUNT, before + tl.sum(f, axis=0))
+
+    @triton.jit
+    def _event_list_gemv_kernel(IDX, VAL, COUNT, WT, BIAS, Y, P, TICKETS, N, N_LOAD, stride_wk,
+                                SPLIT_K: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                NUM_STAGES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                PDL: tl.constexpr):
+        """One row from an event list: the ``SPLIT_K`` programs of an output block share its events
+        evenly (whole ``BLOCK_K`` steps) and gather only their weight rows."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        n_load = offs_n < N_LOAD
+        if PDL:
+            gdc_wait()  # the event list is written by the kernel before this one
+        count = tl.load(COUNT)
+        steps = tl.cdiv(count, BLOCK_K)
+        lo = (pid_k * steps // SPLIT_K) * BLOCK_K
+        hi = tl.minimum(((pid_k + 1) * steps // SPLIT_K) * BLOCK_K, count)
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        ar = tl.arange(0, BLOCK_K)
+        for j in tl.range(lo, hi, BLOCK_K, num_stages=NUM_STAGES):
+            live = j + ar < hi
+            k = tl.load(IDX + j + ar, mask=live, other=0)
+            x = tl.load(VAL + j + ar, mask=live, other=0.0)
+            w = tl.load(WT + k[:, None] * stride_wk + offs_n[None, :], mask=live[:, None] & n_load[None, :], other=0.0)
+            acc += x[:, None] * w.to(tl.float32)
+        if PDL:
+            gdc_launch_dependents()
+        _finish_row(tl.sum(acc, axis=0), BIAS, Y, P, TICKETS, N, offs_n, n_ok, pid_n, pid_k, SPLIT_K, SPLIT_P2,
+                    HAS_BIAS)
+
 
 @dataclass(frozen=True)
 class KernelConfig:
     """Which kernel, its tile sizes and launch shape.
 
     ``algorithm``: ``"masked"`` (every input tile is visited and the weight rows of silent inputs
-    are masked off: traffic follows the events, instructions do not) or ``"compact"`` (one row
+    are masked off: traffic follows the events, instructions do not), ``"compact"`` (one row
     only: each program first compacts the indices of its ``inputs`` firing inputs, then gathers
-    just those weight rows ``block_k`` at a time, so work also follows the events). Masked:
-    ``waves`` is the aimed-for number of programs per multiprocessor, which sets the split of the
-    inputs, ``min_iters`` the fewest ``block_k`` steps a split may have. Compact: ``num_stages`` is
-    Triton's pipelining depth of the gather loop. :data:`DEFAULT_CONFIG` (masked) and
-    :data:`COMPACT_CONFIG` are the fastest at 50% sparsity (geometric mean over four shapes) of
-    ``benchmarks/gpu_sparse_gemv.py --sweep`` on an H200; :func:`best_kernel` picks between them
-    (and dense) per shape and sparsity."""
+    just those weight rows ``block_k`` at a time, so work also follows the events) or
+    ``"events"`` (one row only, two kernels: the first writes the event list of ``x`` once,
+    indices and values, as the chip's producing core would send it; the product's programs then
+    share the listed events evenly and gather their weight rows). Masked and events: ``waves`` is
+    the aimed-for number of programs per multiprocessor, which sets the split of the inputs (of
+    the events); masked: ``min_iters`` the fewest ``block_k`` steps a split may have. Compact and
+    events: ``num_stages`` is Triton's pipelining depth of the gather loop. ``pdl``: launch with
+    programmatic dependent launch where the GPU and Triton have it (Hopper on): a kernel's
+    programs take their places while the kernel before it finishes and wait for its results.
+    :data:`DEFAULT_CONFIG` (masked) and :data:`COMPACT_CONFIG` are the fastest at 50% sparsity
+    (geometric mean over four shapes) of ``benchmarks/gpu_sparse_gemv.py --sweep`` on an H200,
+    :data:`EVENT_LIST_CONFIGS` the two fastest of a sweep of the events kernels' tiles on the same
+    GPU; :func:`best_kernel` picks among them (and dense) per shape and sparsity."""
 
     block_n: int = 64
     block_k: int = 64
@@ -331,18 +429,27 @@ class KernelConfig:
     num_stages: int = 1  # the kernel pipelines its loads by hand
     prefetch: int = 3    # weight tiles in flight per program: 2 or 3
     reduce: str = "ticket"  # how split partial sums meet: "separate" kernel, "ticket" or "fenced" ticket
-    algorithm: str = "masked"  # or "compact"
+    algorithm: str = "masked"  # or "compact", "events"
     inputs: int = 1024  # compact: inputs per program (a power of two)
+    pdl: bool = False   # programmatic dependent launch, where available
 
     def __post_init__(self):
-        if self.algorithm not in ("masked", "compact"):
-            raise ValueError(f"algorithm must be 'masked' or 'compact', got {self.algorithm!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(map(repr, ALGORITHMS))}, got {self.algorithm!r}")
         if self.inputs < 16 or self.inputs & (self.inputs - 1):
             raise ValueError(f"inputs must be a power of two >= 16, got {self.inputs}")
 
 
 DEFAULT_CONFIG = KernelConfig()
-COMPACT_CONFIG = KernelConfig(algorithm="compact", block_n=128, block_k=32, num_warps=4, num_stages=4, inputs=1024)
+COMPACT_CONFIG = KernelConfig(algorithm="compact", block_n=128, block_k=32, num_warps=4, num_stages=3, inputs=1024)
+# The best of the sweep, and the best with other output blocks: wide blocks suit wide matrices (4096->14336),
+# narrow ones the others (2048->8192).
+EVENT_LIST_CONFIGS = (
+    KernelConfig(algorithm="events", block_n=64, block_k=32, num_warps=4, num_stages=5, waves=2, pdl=True),
+    KernelConfig(algorithm="events", block_n=32, block_k=64, num_warps=4, num_stages=5, waves=2, pdl=True))
+EVENT_LIST_CHUNK = 1024  # inputs per program of the event list
+MAX_EVENT_LIST_INPUTS = 1 << 14  # each of its programs counts the events before its chunk in one load
+MAX_SPLIT = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -400,18 +507,73 @@ def _compact_gemv(x2: torch.Tensor, weight_t: torch.Tensor, t: torch.Tensor | No
     return y
 
 
+def _pdl(cfg: KernelConfig, device: torch.device) -> bool:
+    """Whether to launch ``cfg``'s kernels with programmatic dependent launch on ``device``."""
+    return cfg.pdl and HAS_PDL and device.type == "cuda" and not _interpreting() and \
+        torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def event_list(x: torch.Tensor, t: torch.Tensor | None = None, *, pdl: bool = False):
+    """The events of one input row ``x [K]`` (thresholded by ``t`` on the way): ``(indices int32 [K],
+    values float32 [K], count int32 [1])``, the first ``count`` entries being the firing inputs in order.
+    The buffers belong to the module and are rewritten by the next call for the same ``K`` on this device."""
+    K = x.shape[-1]
+    if K > MAX_EVENT_LIST_INPUTS:
+        raise ValueError(f"an event list takes at most {MAX_EVENT_LIST_INPUTS} inputs, got {K}")
+    key = (x.device, "events", K)
+    if key not in _workspaces:
+        _workspaces[key] = (torch.empty(K, device=x.device, dtype=torch.int32),
+                            torch.empty(K, device=x.device, dtype=torch.float32),
+                            torch.empty(1, device=x.device, dtype=torch.int32))
+    idx, val, count = _workspaces[key]
+    chunk = min(EVENT_LIST_CHUNK, triton.next_power_of_2(K))
+    chunks = _cdiv(K, chunk)
+    has_t = t is not None
+    _event_list_kernel[(chunks,)](x, t if has_t else x, idx, val, count, K, HAS_T=has_t, T_VEC=has_t and t.ndim == 1,
+                                  CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, PDL=pdl, num_warps=4,
+                                  **({"launch_pdl": True} if pdl else {}))
+    return idx, val, count
+
+
+def event_list_gemv(events, weight_t: torch.Tensor, bias: torch.Tensor | None, cfg: KernelConfig,
+                    dtype: torch.dtype, *, pdl: bool = False) -> torch.Tensor:
+    """``y [1, out]`` (``dtype``) from an :func:`event_list` and ``W^T [in, out]``: only listed rows are read."""
+    idx, val, count = events
+    K, N = weight_t.shape
+    n_load = _n_load(weight_t)
+    n_blocks = _cdiv(N, cfg.block_n)
+    n_sm = _sm_count(idx.device.index or 0) if idx.is_cuda else INTERPRETER_SM_COUNT
+    split = max(1, min(MAX_SPLIT, round(cfg.waves * n_sm / n_blocks)))
+    partials, tickets = _workspace(idx.device, split, 1, N, n_blocks)
+    y = torch.empty(1, N, device=idx.device, dtype=dtype)
+    _event_list_gemv_kernel[(n_blocks, split)](
+        idx, val, count, weight_t, bias if bias is not None else weight_t, y, partials, tickets, N, n_load,
+        weight_t.stride(0), SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split), HAS_BIAS=bias is not None,
+        NUM_STAGES=cfg.num_stages, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=pdl, num_warps=cfg.num_warps,
+        **({"launch_pdl": True} if pdl else {}))
+    return y
+
+
+def _n_load(weight_t: torch.Tensor) -> int:
+    """How far a row may be read: up to the padded row end when the storage holds it (transpose_weight's layout)."""
+    K, N = weight_t.shape
+    if weight_t.stride(0) > N and weight_t.untyped_storage().nbytes() >= \
+            (weight_t.storage_offset() + K * weight_t.stride(0)) * weight_t.element_size():
+        return weight_t.stride(0)
+    return N
+
+
 def _event_gemv_triton(x2: torch.Tensor, weight_t: torch.Tensor, t: torch.Tensor | None, bias: torch.Tensor | None,
                        cfg: KernelConfig) -> torch.Tensor:
     M, K = x2.shape
     N = weight_t.shape[1]
-    # Read up to the padded row end when the storage holds it (transpose_weight's layout).
-    n_load = N
-    if weight_t.stride(0) > N and weight_t.untyped_storage().nbytes() >= \
-            (weight_t.storage_offset() + K * weight_t.stride(0)) * weight_t.element_size():
-        n_load = weight_t.stride(0)
-    if cfg.algorithm == "compact":
-        if M == 1:
+    n_load = _n_load(weight_t)
+    if cfg.algorithm != "masked":
+        if M == 1 and cfg.algorithm == "compact":
             return _compact_gemv(x2, weight_t, t, bias, cfg, n_load)
+        if M == 1 and K <= MAX_EVENT_LIST_INPUTS:
+            pdl = _pdl(cfg, x2.device)
+            return event_list_gemv(event_list(x2, t, pdl=pdl), weight_t, bias, cfg, x2.dtype, pdl=pdl)
         cfg = DEFAULT_CONFIG if DEFAULT_CONFIG.algorithm == "masked" else KernelConfig()  # several rows: masked
     n_sm = _sm_count(x2.device.index or 0) if x2.is_cuda else INTERPRETER_SM_COUNT
     block_m, block_k, k_per_split, split = _launch_shape(M, N, K, n_sm, cfg)
@@ -448,8 +610,9 @@ def event_gemv(x: torch.Tensor, weight_t: torch.Tensor, t: torch.Tensor | None =
     float32 accumulation, result in ``x.dtype``. ``backend``: ``"triton"``, ``"torch"``
     (:func:`event_gemv_torch`) or ``"auto"`` (Triton on CUDA for at most :data:`MAX_KERNEL_ROWS`
     rows without autograd). ``config``: which kernel, its tiles and launch shape (default
-    :data:`DEFAULT_CONFIG`, the masked kernel; :data:`COMPACT_CONFIG` compacts the events first and
-    takes one row only: for several rows the masked kernel runs).
+    :data:`DEFAULT_CONFIG`, the masked kernel; :data:`COMPACT_CONFIG` compacts the events first,
+    :data:`EVENT_LIST_CONFIGS` list them once in a kernel of their own: these take one row only,
+    for several rows the masked kernel runs).
     """
     K, N = weight_t.shape
     if x.shape[-1] != K:
@@ -529,7 +692,7 @@ class EventLinear(nn.Linear):
     this module applies its threshold. ``mode``: ``"auto"`` (the kernel on CUDA for at most
     ``max_rows`` rows when ``use_kernel``, the dense product otherwise), ``"kernel"`` (always
     :func:`event_gemv`: the torch fallback on CPU) or ``"dense"``. ``use_kernel`` (and ``config``)
-    are set by :func:`tune_event_kernels`: whichever of dense and the two kernels is fastest for this
+    are set by :func:`tune_event_kernels`: whichever of dense and the kernels is fastest for this
     shape at the measured sparsity (:func:`best_kernel`).
     ``max_rows`` is 1 by default: for several rows the kernel lost to cuBLAS on an H200 at every
     sparsity (``benchmarks/results/gpu_sparse_gemv.csv``, batch 4). ``config``: the kernel and tiles
@@ -634,7 +797,7 @@ def enable_event_kernels(model, *, mode: str = "auto", fuse_thresholds: bool = T
     Weights stay shared (and the transposed copies are made on first use on the model's device).
     ``fuse_thresholds``: the kernel applies each site's threshold as it reads the input (the site
     itself passes ``x`` through). ``sample`` (token ids ``[B, T]``): run :func:`tune_event_kernels`
-    on it, so that each module runs the fastest of dense and the two kernels at its sparsity; without
+    on it, so that each module runs the fastest of dense and the kernels at its sparsity; without
     it every module uses the masked kernel in ``auto`` mode wherever it can run. Enabling twice
     re-enables.
     """
@@ -670,7 +833,7 @@ def disable_event_kernels(model) -> None:
 @torch.no_grad()
 def tune_event_kernels(model, sample: torch.Tensor, margin: float = 0.03) -> dict[str, float]:
     """Measure each EventLinear's input sparsity over step-mode decoding of ``sample`` (token ids
-    ``[B, T]``), then give each the fastest of dense, the masked and the compacting kernel for its
+    ``[B, T]``), then give each the fastest of dense and the kernels (masked, compacting, event list) for its
     shape at that sparsity on this GPU (:func:`best_kernel`; a kernel must beat dense by ``margin``).
     Returns the measured sparsities."""
     events = [m for m in model.modules() if isinstance(m, EventLinear)]
@@ -783,14 +946,15 @@ def break_even_sparsity(K: int, N: int, dtype: torch.dtype, device: torch.device
 @functools.lru_cache(maxsize=None)
 def best_kernel(K: int, N: int, dtype: torch.dtype, device: torch.device, sparsity: float, rows: int = 1,
                 margin: float = 0.03) -> KernelConfig | None:
-    """The fastest of :data:`DEFAULT_CONFIG` (masked) and, for one row, :data:`COMPACT_CONFIG` for an
-    ``[N, K]`` matrix at input ``sparsity`` on this GPU, timed against the dense product; None (use
-    dense) unless it beats dense by ``margin``."""
+    """The fastest of :data:`DEFAULT_CONFIG` (masked) and, for one row, :data:`COMPACT_CONFIG` and
+    :data:`EVENT_LIST_CONFIGS` for an ``[N, K]`` matrix at input ``sparsity`` on this GPU, timed
+    against the dense product; None (use dense) unless it beats dense by ``margin``."""
     ws, wts = rotating_weights(K, N, device, dtype)
     xs = sparse_inputs(rows, K, sparsity, len(ws), device, dtype, seed=1)
     dense = gpu_time(cycling(lambda i: F.linear(xs[i], ws[i]), len(ws)))
     best, best_time = None, (1 - margin) * dense
-    for cfg in (DEFAULT_CONFIG, COMPACT_CONFIG) if rows == 1 else (DEFAULT_CONFIG,):
+    one_row = (COMPACT_CONFIG,) + (EVENT_LIST_CONFIGS if K <= MAX_EVENT_LIST_INPUTS else ())
+    for cfg in (DEFAULT_CONFIG,) + (one_row if rows == 1 else ()):
         t = gpu_time(cycling(lambda i: event_gemv(xs[i], wts[i], config=cfg), len(ws)))
         if t < best_time:
             best, best_time = cfg, t

@@ -197,7 +197,14 @@ INTERPRETED = textwrap.dedent("""
              (1, 72, 40, "vector", True, KernelConfig(algorithm="compact", block_n=32, block_k=16, inputs=128)),
              (1, 100, 70, None, False, KernelConfig(algorithm="compact", block_n=32, block_k=16, inputs=32)),
              (1, 100, 70, "scalar", True, KernelConfig(algorithm="compact", block_n=64, block_k=16, inputs=16)),
-             (3, 72, 40, "vector", True, KernelConfig(algorithm="compact", block_n=32, block_k=16, inputs=32))]
+             (3, 72, 40, "vector", True, KernelConfig(algorithm="compact", block_n=32, block_k=16, inputs=32)),
+             # the event list: one split, 3 and 16 splits sharing the events, 5000 inputs (five programs
+             # list it), 3 rows (masked)
+             (1, 100, 70, "scalar", True, KernelConfig(algorithm="events", block_n=32, block_k=16, waves=1)),
+             (1, 72, 40, None, False, KernelConfig(algorithm="events", block_n=16, block_k=16, waves=2, pdl=True)),
+             (1, 128, 16, "vector", True, KernelConfig(algorithm="events", block_n=16, block_k=16, waves=64)),
+             (1, 5000, 24, "scalar", False, KernelConfig(algorithm="events", block_n=16, block_k=64, waves=8)),
+             (3, 72, 40, "vector", True, KernelConfig(algorithm="events", block_n=32, block_k=16))]
     for dtype in (torch.float32, torch.float16):
         for rows, K, N, kind, bias, cfg in cases:
             x = torch.randn(rows, K)
@@ -212,11 +219,18 @@ INTERPRETED = textwrap.dedent("""
             y = event_gemv(*args, backend="triton", config=cfg)
             again = event_gemv(*args, backend="triton", config=cfg)  # the split tickets were reset
             wt[:7] = 0
-            ref = event_gemv_torch(x.double(), wt.double(), t.double() if t is not None else None,
+            # the reference thresholds as the kernel does: with t rounded to the input's dtype
+            ref = event_gemv_torch(x.to(dtype).double(), wt.double(), t.to(dtype).double() if t is not None else None,
                                    b.to(dtype).double() if bias else None)
             err = float((y.double() - ref).norm() / ref.norm())
             assert err < (1e-6 if dtype == torch.float32 else 1e-3), (dtype, rows, K, N, err)
             assert torch.equal(y, again)
+    # nothing fires: the event list is empty and y is the bias alone
+    for cfg in (KernelConfig(algorithm="events", block_n=16, block_k=16, waves=4),
+                KernelConfig(algorithm="compact", block_n=16, block_k=16, inputs=16)):
+        b = torch.randn(40)
+        y = event_gemv(torch.zeros(1, 72), torch.randn(72, 40), None, b, backend="triton", config=cfg)
+        assert torch.equal(y[0], b), cfg
     print("ok")
 """)
 
@@ -229,9 +243,12 @@ def test_triton_kernel_in_the_interpreter():
 
 
 def test_kernel_config_is_checked():
-    from rllm.sparse_gemv import COMPACT_CONFIG, KernelConfig
+    from rllm.sparse_gemv import COMPACT_CONFIG, EVENT_LIST_CONFIGS, MAX_EVENT_LIST_INPUTS, KernelConfig, event_list
 
     assert COMPACT_CONFIG.algorithm == "compact"
+    assert {c.algorithm for c in EVENT_LIST_CONFIGS} == {"events"}
+    with pytest.raises(ValueError, match="at most"):  # longer inputs take the other kernels (best_kernel)
+        event_list(torch.zeros(MAX_EVENT_LIST_INPUTS + 1))
     with pytest.raises(ValueError, match="algorithm must be"):
         KernelConfig(algorithm="sparse")
     with pytest.raises(ValueError, match="power of two"):
