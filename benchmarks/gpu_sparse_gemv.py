@@ -16,7 +16,9 @@ One run on one CUDA GPU, everything side by side:
    firing rows, gathered beforehand for free (padded to a multiple of 64), the speed-up a kernel
    streaming the firing rows as well as cuBLAS streams a dense matrix would reach; and ``auto``,
    what a tuned ``EventLinear`` runs (``best_kernel``: the fastest of dense and the kernels,
-   timed separately). Weights rotate over enough copies to overflow L2 three times; each figure is the
+   timed separately). Then batches of 4 rows (each row's zeros drawn independently, so fewer
+   inputs are silent in all four: ``union_sparsity``) for two shapes: dense, masked, event list
+   and ideal. Weights rotate over enough copies to overflow L2 three times; each figure is the
    median of CUDA-graph replays of 20 back-to-back calls. With ``--sweep``, tile configurations
    are timed first and the best are used for the rest of the run (that is how the configurations
    in ``rllm.sparse_gemv`` were chosen).
@@ -83,14 +85,14 @@ def guarded(what, fn, *args):
 # --- 1. correctness on the GPU -------------------------------------------------------------
 
 REDUCES = ("separate", "ticket", "fenced")  # how the kernel's split partial sums are added (KernelConfig.reduce)
-# the masked kernel with each reduction, the compacting kernel and the event list (both configurations)
-VARIANTS = REDUCES + ("compact", "events", "events-narrow")
+# the masked kernel with each reduction, the compacting kernel and the event list (each configuration)
+VARIANTS = REDUCES + ("compact", "events", "events-narrow", "events-rows")
 
 
 def variant_config(variant: str) -> KernelConfig:
-    return {"compact": sparse_gemv.COMPACT_CONFIG, "events": sparse_gemv.EVENT_LIST_CONFIGS[0],
-            "events-narrow": sparse_gemv.EVENT_LIST_CONFIGS[1]}.get(variant) or \
-        replace(sparse_gemv.DEFAULT_CONFIG, reduce=variant)
+    named = {"compact": sparse_gemv.COMPACT_CONFIG, "events": sparse_gemv.EVENT_LIST_CONFIGS[0],
+             "events-narrow": sparse_gemv.EVENT_LIST_CONFIGS[1], "events-rows": sparse_gemv.EVENT_LIST_ROWS_CONFIG}
+    return named.get(variant) or replace(sparse_gemv.DEFAULT_CONFIG, reduce=variant)
 
 
 def rel_err(y, ref) -> float:
@@ -205,7 +207,7 @@ def time_shape(K, N, sparsities, dev, dtype, rows=1, config=None, modes=("dense"
     out = []
     for s in sparsities:
         xs = sparse_inputs(rows, K, s, len(ws), dev, dtype, seed=int(100 * s))
-        r = dict(sparsity=s)
+        r = dict(sparsity=s, union_sparsity=float((xs[0] == 0).all(0).float().mean()))  # silent in every row
         if "dense" in modes:
             r["dense"] = gpu_time(cycling(lambda i: F.linear(xs[i], ws[i]), len(ws)))
         if "kernel" in modes:
@@ -216,14 +218,14 @@ def time_shape(K, N, sparsities, dev, dtype, rows=1, config=None, modes=("dense"
             r["compact"] = gpu_time(cycling(lambda i: event_gemv(xs[i], wts[i], config=sparse_gemv.COMPACT_CONFIG),
                                             len(ws)))
         if "events" in modes:
-            times = [gpu_time(cycling(lambda i: event_gemv(xs[i], wts[i], config=cfg), len(ws)))
-                     for cfg in sparse_gemv.EVENT_LIST_CONFIGS]
+            candidates = sparse_gemv.event_list_configs(rows)
+            times = [gpu_time(cycling(lambda i: event_gemv(xs[i], wts[i], config=cfg), len(ws))) for cfg in candidates]
             r["events"] = min(times)
-            events_cfg = sparse_gemv.EVENT_LIST_CONFIGS[times.index(r["events"])]
+            events_cfg = candidates[times.index(r["events"])]
             r["events_config"] = f"block_n={events_cfg.block_n}"
         if "gather" in modes:
             pdl = sparse_gemv._pdl(events_cfg, dev)
-            lists = [tuple(a.clone() for a in sparse_gemv.event_list(x[0])) for x in xs]
+            lists = [sparse_gemv.event_list(x).clone() for x in xs]
             r["gather"] = gpu_time(cycling(lambda i: sparse_gemv.event_list_gemv(lists[i], wts[i], None, events_cfg,
                                                                                  dtype, pdl=pdl), len(ws)))
             del lists
@@ -268,9 +270,10 @@ def latency(dev, dtype) -> pd.DataFrame:
                              dense_repeat_us=1e6 * r.get("dense_repeat", math.nan)))
         log(f"  {name}: break-even masked {be:.2f}, compact {be_compact:.2f}, {time.perf_counter() - t0:.1f} s")
     for name, K, N in (SHAPES[5], SHAPES[7]):  # small batches: an input's row is read if it fires in any row
-        for r in time_shape(K, N, [0.0, 0.5, 0.7, 0.9], dev, dtype, rows=4, modes=("dense", "kernel")):
-            rows.append(dict(matrix=name, K=K, N=N, rows=4, sparsity=r["sparsity"], dense_us=1e6 * r["dense"],
-                             kernel_us=1e6 * r["kernel"]))
+        modes = ("dense", "kernel", "events", "ideal")
+        for r in time_shape(K, N, [0.0, 0.5, 0.7, 0.9, 0.95], dev, dtype, rows=4, modes=modes):
+            rows.append(dict(matrix=name, K=K, N=N, rows=4, sparsity=r["sparsity"], union_sparsity=r["union_sparsity"],
+                             **{f"{m}_us": 1e6 * r[m] for m in modes}, events_config=r["events_config"]))
     df = pd.DataFrame(rows)
     df["speedup_kernel"] = df.dense_us / df.kernel_us
     df["speedup_compact"] = df.dense_us / df.compact_us
@@ -588,9 +591,9 @@ def main(argv=None) -> None:
     log(one[one.sparsity.isin([0.0, 0.5, 0.9])][["matrix", "sparsity", "dense_us", "kernel_us", "compact_us",
                                                    "events_us", "ideal_us", "auto", "auto_us", "speedup_auto",
                                                    "dense_GBps", "events_GBps_read"]].round(2).to_string(index=False))
-    log("\nbatch 4:")
-    log(lat[lat.rows == 4][["matrix", "sparsity", "dense_us", "kernel_us", "speedup_kernel"]].round(2)
-        .to_string(index=False))
+    log("\nbatch 4 (sparsity: each row's; union_sparsity: the share of inputs silent in all four):")
+    log(lat[lat.rows == 4][["matrix", "sparsity", "union_sparsity", "dense_us", "kernel_us", "events_us", "ideal_us",
+                            "speedup_kernel", "speedup_events", "speedup_ideal"]].round(2).to_string(index=False))
     if dec is not None:
         log("\ndecode, RWKV-4 430M shape:")
         log(dec.drop(columns=["gpu"]).round(3).to_string(index=False))

@@ -60,6 +60,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -91,10 +92,10 @@ if HAS_TRITON:
             pass
 
 __all__ = ["HAS_TRITON", "HAS_PDL", "MAX_KERNEL_ROWS", "KernelConfig", "DEFAULT_CONFIG", "COMPACT_CONFIG",
-           "EVENT_LIST_CONFIGS", "threshold", "event_gemv", "event_gemv_torch", "event_list", "event_list_gemv",
-           "EventLinear", "EventThreshold", "enable_event_kernels", "disable_event_kernels", "tune_event_kernels",
-           "break_even_sparsity", "best_kernel", "capture_graph",
-           "gpu_time", "cycling", "sparse_inputs", "rotating_weights", "transpose_weight"]
+           "EVENT_LIST_CONFIGS", "EVENT_LIST_ROWS_CONFIG", "event_list_configs", "threshold", "event_gemv",
+           "event_gemv_torch", "EventList", "event_list", "event_list_gemv", "EventLinear", "EventThreshold",
+           "enable_event_kernels", "disable_event_kernels", "tune_event_kernels", "break_even_sparsity", "best_kernel",
+           "capture_graph", "gpu_time", "cycling", "sparse_inputs", "rotating_weights", "transpose_weight"]
 
 MAX_KERNEL_ROWS = 16  # the kernel's batch limit: beyond it the union of events is dense anyway
 ALGORITHMS = ("masked", "compact", "events")
@@ -225,11 +226,19 @@ if HAS_TRITON:
             out = tl.sum(acc, axis=0)[None, :]
         else:
             out = acc
+        _finish_rows(out, BIAS, Y, P, TICKETS, M, N, stride_ym, offs_m, m_ok, offs_n, n_ok, pid_n, pid_k, SPLIT_K,
+                     HAS_BIAS, REDUCE, FENCE, BLOCK_M, BLOCK_N)
+
+    @triton.jit
+    def _finish_rows(out, BIAS, Y, P, TICKETS, M, N, stride_ym, offs_m, m_ok, offs_n, n_ok, pid_n, pid_k,
+                     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, FENCE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Rows ``offs_m`` of a product whose split partial sums ``out`` meet: published to ``P [SPLIT_K, M,
+        N]``; REDUCE 0: a second kernel adds them. REDUCE 1 (2 with a fence by every thread, CUDA's
+        threadFenceReduction pattern): the last split to arrive (atomic ticket) adds all of them in split
+        order, adds the bias, writes y and resets the ticket."""
         mask = m_ok[:, None] & n_ok[None, :]
         if SPLIT_K > 1:
-            # Publish this split's partial sums. REDUCE 0: a second kernel adds them. REDUCE 1 (2 with
-            # a fence by every thread, CUDA's threadFenceReduction pattern): the last split to arrive
-            # (atomic ticket) adds all of them in split order, writes y and resets the ticket.
             tl.store(P + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], out, mask=mask)
             if REDUCE == 0:
                 last = pid_k < 0
@@ -344,12 +353,13 @@ if HAS_TRITON:
         return x, fire
 
     @triton.jit
-    def _event_list_kernel(X, T, IDX, VAL, COUNT, K, HAS_T: tl.constexpr, T_VEC: tl.constexpr,
-                           CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
-        """The events of ``x``, listed once: the indices of the firing inputs in order at ``IDX[0:count]``,
-        their values (float32) at ``VAL``, ``count`` at ``COUNT``. Program ``c`` lists chunk ``c``; where its
+    def _event_list_kernel(X, T, IDX, VAL, COUNT, M, K, stride_xm, HAS_T: tl.constexpr, T_VEC: tl.constexpr,
+                           CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr):
+        """The events of ``x [M, K]``, listed once: the inputs that fire in any row, in order, at
+        ``IDX[0:count]``; their values (float32), row ``m``'s at ``VAL[m * K:][:count]`` (0 in the rows
+        where the input is silent); ``count`` at ``COUNT``. Program ``c`` lists chunk ``c``; where its
         events go, it learns by counting the events of the chunks before it itself (one load of at most
-        ``K`` inputs, no waiting on other programs)."""
+        ``K`` inputs a row, no waiting on other programs)."""
         c = tl.program_id(0)
         if PDL:
             gdc_wait()  # x is written by the kernel before this one
@@ -357,24 +367,42 @@ if HAS_TRITON:
         chunks = tl.arange(0, CHUNKS_P2)
         ar = tl.arange(0, CHUNK)
         offs2 = chunks[:, None] * CHUNK + ar[None, :]
-        _, fire2 = _fires(X, T, offs2, (chunks[:, None] < c) & (offs2 < K), HAS_T, T_VEC)
-        before = tl.sum(tl.sum(fire2.to(tl.int32), axis=1), axis=0)
+        earlier = (chunks[:, None] < c) & (offs2 < K)
         offs = c * CHUNK + ar
-        x, fire = _fires(X, T, offs, offs < K, HAS_T, T_VEC)
-        f = fire.to(tl.int32)
-        pos = before + tl.cumsum(f, axis=0) - 1
+        if BLOCK_M == 1:
+            _, fire2 = _fires(X, T, offs2, earlier, HAS_T, T_VEC)
+            before = tl.sum(tl.sum(fire2.to(tl.int32), axis=1), axis=0)
+            x, fire = _fires(X, T, offs, offs < K, HAS_T, T_VEC)
+            f = fire.to(tl.int32)
+            pos = before + tl.cumsum(f, axis=0) - 1
+            tl.store(VAL + pos, x.to(tl.float32), mask=fire)
+        else:
+            seen = tl.zeros((CHUNKS_P2, CHUNK), dtype=tl.int32)
+            for m in range(0, M):
+                _, fire2 = _fires(X + m * stride_xm, T, offs2, earlier, HAS_T, T_VEC)
+                seen = seen | fire2.to(tl.int32)
+            before = tl.sum(tl.sum(seen, axis=1), axis=0)
+            rows = tl.arange(0, BLOCK_M)
+            r_ok = rows[:, None] < M
+            x, fire_rows = _fires(X + rows[:, None] * stride_xm, T, offs[None, :], r_ok & (offs[None, :] < K),
+                                  HAS_T, T_VEC)
+            f = tl.max(fire_rows.to(tl.int32), axis=0)
+            fire = f > 0
+            pos = before + tl.cumsum(f, axis=0) - 1
+            tl.store(VAL + rows[:, None] * K + pos[None, :], tl.where(fire_rows, x, 0.0).to(tl.float32),
+                     mask=r_ok & fire[None, :])
         tl.store(IDX + pos, offs, mask=fire)
-        tl.store(VAL + pos, x.to(tl.float32), mask=fire)
         if c == tl.num_programs(0) - 1:
             tl.store(COUNT, before + tl.sum(f, axis=0))
 
     @triton.jit
-    def _event_list_gemv_kernel(IDX, VAL, COUNT, WT, BIAS, Y, P, TICKETS, N, N_LOAD, stride_wk,
+    def _event_list_gemv_kernel(IDX, VAL, COUNT, WT, BIAS, Y, P, TICKETS, M, N, K, N_LOAD, stride_wk, stride_ym,
                                 SPLIT_K: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                NUM_STAGES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                PDL: tl.constexpr):
-        """One row from an event list: the ``SPLIT_K`` programs of an output block share its events
-        evenly (whole ``BLOCK_K`` steps) and gather only their weight rows."""
+                                NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """The product from an event list: the ``SPLIT_K`` programs of an output block share its events
+        evenly (whole ``BLOCK_K`` steps) and gather only their weight rows; several rows (``BLOCK_M``
+        16) go through ``tl.dot``."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -386,18 +414,35 @@ if HAS_TRITON:
         steps = tl.cdiv(count, BLOCK_K)
         lo = (pid_k * steps // SPLIT_K) * BLOCK_K
         hi = tl.minimum(((pid_k + 1) * steps // SPLIT_K) * BLOCK_K, count)
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         ar = tl.arange(0, BLOCK_K)
-        for j in tl.range(lo, hi, BLOCK_K, num_stages=NUM_STAGES):
-            live = j + ar < hi
-            k = tl.load(IDX + j + ar, mask=live, other=0)
-            x = tl.load(VAL + j + ar, mask=live, other=0.0)
-            w = tl.load(WT + k[:, None] * stride_wk + offs_n[None, :], mask=live[:, None] & n_load[None, :], other=0.0)
-            acc += x[:, None] * w.to(tl.float32)
-        if PDL:
-            gdc_launch_dependents()
-        _finish_row(tl.sum(acc, axis=0), BIAS, Y, P, TICKETS, N, offs_n, n_ok, pid_n, pid_k, SPLIT_K, SPLIT_P2,
-                    HAS_BIAS)
+        if BLOCK_M == 1:
+            acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+            for j in tl.range(lo, hi, BLOCK_K, num_stages=NUM_STAGES):
+                live = j + ar < hi
+                k = tl.load(IDX + j + ar, mask=live, other=0)
+                x = tl.load(VAL + j + ar, mask=live, other=0.0)
+                w = tl.load(WT + k[:, None] * stride_wk + offs_n[None, :], mask=live[:, None] & n_load[None, :],
+                            other=0.0)
+                acc += x[:, None] * w.to(tl.float32)
+            if PDL:
+                gdc_launch_dependents()
+            _finish_row(tl.sum(acc, axis=0), BIAS, Y, P, TICKETS, N, offs_n, n_ok, pid_n, pid_k, SPLIT_K, SPLIT_P2,
+                        HAS_BIAS)
+        else:
+            rows = tl.arange(0, BLOCK_M)
+            r_ok = rows < M
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for j in tl.range(lo, hi, BLOCK_K, num_stages=NUM_STAGES):
+                live = j + ar < hi
+                k = tl.load(IDX + j + ar, mask=live, other=0)
+                x = tl.load(VAL + rows[:, None] * K + (j + ar)[None, :], mask=r_ok[:, None] & live[None, :], other=0.0)
+                w = tl.load(WT + k[:, None] * stride_wk + offs_n[None, :], mask=live[:, None] & n_load[None, :],
+                            other=0.0)
+                acc = tl.dot(x.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+            if PDL:
+                gdc_launch_dependents()
+            _finish_rows(acc, BIAS, Y, P, TICKETS, M, N, stride_ym, rows, r_ok, offs_n, n_ok, pid_n, pid_k, SPLIT_K,
+                         HAS_BIAS, 1, False, BLOCK_M, BLOCK_N)
 
 
 @dataclass(frozen=True)
@@ -408,9 +453,10 @@ class KernelConfig:
     are masked off: traffic follows the events, instructions do not), ``"compact"`` (one row
     only: each program first compacts the indices of its ``inputs`` firing inputs, then gathers
     just those weight rows ``block_k`` at a time, so work also follows the events) or
-    ``"events"`` (one row only, two kernels: the first writes the event list of ``x`` once,
-    indices and values, as the chip's producing core would send it; the product's programs then
-    share the listed events evenly and gather their weight rows). Masked and events: ``waves`` is
+    ``"events"`` (two kernels: the first writes the event list of ``x`` once, indices and values,
+    as the chip's producing core would send it; the product's programs then share the listed
+    events evenly and gather their weight rows; for several rows, the inputs firing in any row,
+    each weight row read once for all of them). Masked and events: ``waves`` is
     the aimed-for number of programs per multiprocessor, which sets the split of the inputs (of
     the events); masked: ``min_iters`` the fewest ``block_k`` steps a split may have. Compact and
     events: ``num_stages`` is Triton's pipelining depth of the gather loop. ``pdl``: launch with
@@ -419,7 +465,8 @@ class KernelConfig:
     :data:`DEFAULT_CONFIG` (masked) and :data:`COMPACT_CONFIG` are the fastest at 50% sparsity
     (geometric mean over four shapes) of ``benchmarks/gpu_sparse_gemv.py --sweep`` on an H200,
     :data:`EVENT_LIST_CONFIGS` the two fastest of a sweep of the events kernels' tiles on the same
-    GPU; :func:`best_kernel` picks among them (and dense) per shape and sparsity."""
+    GPU (:data:`EVENT_LIST_ROWS_CONFIG` for several rows); :func:`best_kernel` picks among them
+    (and dense) per shape and sparsity."""
 
     block_n: int = 64
     block_k: int = 64
@@ -447,6 +494,9 @@ COMPACT_CONFIG = KernelConfig(algorithm="compact", block_n=128, block_k=32, num_
 EVENT_LIST_CONFIGS = (
     KernelConfig(algorithm="events", block_n=64, block_k=32, num_warps=4, num_stages=5, waves=2, pdl=True),
     KernelConfig(algorithm="events", block_n=32, block_k=64, num_warps=4, num_stages=5, waves=2, pdl=True))
+# Several rows (tl.dot): the fastest of 18 tilings for 4 rows at 0% and 90% sparsity on an H200.
+EVENT_LIST_ROWS_CONFIG = KernelConfig(algorithm="events", block_n=256, block_k=32, num_warps=8, num_stages=3, waves=2,
+                                      pdl=True)
 EVENT_LIST_CHUNK = 1024  # inputs per program of the event list
 MAX_EVENT_LIST_INPUTS = 1 << 14  # each of its programs counts the events before its chunk in one load
 MAX_SPLIT = 16
@@ -513,43 +563,65 @@ def _pdl(cfg: KernelConfig, device: torch.device) -> bool:
         torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def event_list(x: torch.Tensor, t: torch.Tensor | None = None, *, pdl: bool = False):
-    """The events of one input row ``x [K]`` (thresholded by ``t`` on the way): ``(indices int32 [K],
-    values float32 [K], count int32 [1])``, the first ``count`` entries being the firing inputs in order.
-    The buffers belong to the module and are rewritten by the next call for the same ``K`` on this device."""
+class EventList(NamedTuple):
+    """The events of ``rows`` input rows, in buffers of the module's (:func:`event_list`)."""
+
+    indices: torch.Tensor  # int32 [K]: the inputs that fire in any row, in order, in the first `count`
+    values: torch.Tensor   # float32 [rows, K]: their values, 0 in a row where the input is silent
+    count: torch.Tensor    # int32 [1]
+
+    def clone(self) -> "EventList":
+        return EventList(*(a.clone() for a in self))
+
+
+def event_list(x: torch.Tensor, t: torch.Tensor | None = None, *, pdl: bool = False) -> EventList:
+    """The events of ``x [rows, K]`` (at most :data:`MAX_KERNEL_ROWS` rows; thresholded by ``t`` on the
+    way): the inputs that fire in any row, listed once in order, with each row's values. The buffers
+    belong to the module and are rewritten by the next call for the same ``K`` on this device
+    (:meth:`EventList.clone` keeps a copy)."""
     K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    rows = x2.shape[0]
     if K > MAX_EVENT_LIST_INPUTS:
         raise ValueError(f"an event list takes at most {MAX_EVENT_LIST_INPUTS} inputs, got {K}")
+    if not 0 < rows <= MAX_KERNEL_ROWS:
+        raise ValueError(f"an event list takes 1 to {MAX_KERNEL_ROWS} rows, got {rows}")
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
     key = (x.device, "events", K)
     if key not in _workspaces:
         _workspaces[key] = (torch.empty(K, device=x.device, dtype=torch.int32),
-                            torch.empty(K, device=x.device, dtype=torch.float32),
+                            torch.empty(MAX_KERNEL_ROWS * K, device=x.device, dtype=torch.float32),
                             torch.empty(1, device=x.device, dtype=torch.int32))
     idx, val, count = _workspaces[key]
     chunk = min(EVENT_LIST_CHUNK, triton.next_power_of_2(K))
     chunks = _cdiv(K, chunk)
     has_t = t is not None
-    _event_list_kernel[(chunks,)](x, t if has_t else x, idx, val, count, K, HAS_T=has_t, T_VEC=has_t and t.ndim == 1,
-                                  CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, PDL=pdl, num_warps=4,
+    _event_list_kernel[(chunks,)](x2, t if has_t else x2, idx, val, count, rows, K, x2.stride(0), HAS_T=has_t,
+                                  T_VEC=has_t and t.ndim == 1, CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk,
+                                  BLOCK_M=1 if rows == 1 else 16, PDL=pdl, num_warps=4,
                                   **({"launch_pdl": True} if pdl else {}))
-    return idx, val, count
+    return EventList(idx, val[:rows * K].view(rows, K), count)
 
 
-def event_list_gemv(events, weight_t: torch.Tensor, bias: torch.Tensor | None, cfg: KernelConfig,
+def event_list_gemv(events: EventList, weight_t: torch.Tensor, bias: torch.Tensor | None, cfg: KernelConfig,
                     dtype: torch.dtype, *, pdl: bool = False) -> torch.Tensor:
-    """``y [1, out]`` (``dtype``) from an :func:`event_list` and ``W^T [in, out]``: only listed rows are read."""
-    idx, val, count = events
+    """``y [rows, out]`` (``dtype``) from an :func:`event_list` and ``W^T [in, out]``: only listed rows are
+    read, once for all rows."""
+    rows = events.values.shape[0]
     K, N = weight_t.shape
-    n_load = _n_load(weight_t)
     n_blocks = _cdiv(N, cfg.block_n)
-    n_sm = _sm_count(idx.device.index or 0) if idx.is_cuda else INTERPRETER_SM_COUNT
+    n_sm = _sm_count(weight_t.device.index or 0) if weight_t.is_cuda else INTERPRETER_SM_COUNT
     split = max(1, min(MAX_SPLIT, round(cfg.waves * n_sm / n_blocks)))
-    partials, tickets = _workspace(idx.device, split, 1, N, n_blocks)
-    y = torch.empty(1, N, device=idx.device, dtype=dtype)
+    partials, tickets = _workspace(weight_t.device, split, rows, N, n_blocks)
+    y = torch.empty(rows, N, device=weight_t.device, dtype=dtype)
+    block_m = 1 if rows == 1 else 16
     _event_list_gemv_kernel[(n_blocks, split)](
-        idx, val, count, weight_t, bias if bias is not None else weight_t, y, partials, tickets, N, n_load,
-        weight_t.stride(0), SPLIT_K=split, SPLIT_P2=triton.next_power_of_2(split), HAS_BIAS=bias is not None,
-        NUM_STAGES=cfg.num_stages, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=pdl, num_warps=cfg.num_warps,
+        events.indices, events.values, events.count, weight_t, bias if bias is not None else weight_t, y, partials,
+        tickets, rows, N, K, _n_load(weight_t), weight_t.stride(0), y.stride(0), SPLIT_K=split,
+        SPLIT_P2=triton.next_power_of_2(split), HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages,
+        DOT_PRECISION="ieee" if weight_t.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k if rows == 1 else max(16, cfg.block_k), PDL=pdl, num_warps=cfg.num_warps,
         **({"launch_pdl": True} if pdl else {}))
     return y
 
@@ -571,10 +643,10 @@ def _event_gemv_triton(x2: torch.Tensor, weight_t: torch.Tensor, t: torch.Tensor
     if cfg.algorithm != "masked":
         if M == 1 and cfg.algorithm == "compact":
             return _compact_gemv(x2, weight_t, t, bias, cfg, n_load)
-        if M == 1 and K <= MAX_EVENT_LIST_INPUTS:
+        if cfg.algorithm == "events" and K <= MAX_EVENT_LIST_INPUTS:
             pdl = _pdl(cfg, x2.device)
             return event_list_gemv(event_list(x2, t, pdl=pdl), weight_t, bias, cfg, x2.dtype, pdl=pdl)
-        cfg = DEFAULT_CONFIG if DEFAULT_CONFIG.algorithm == "masked" else KernelConfig()  # several rows: masked
+        cfg = DEFAULT_CONFIG if DEFAULT_CONFIG.algorithm == "masked" else KernelConfig()  # otherwise: masked
     n_sm = _sm_count(x2.device.index or 0) if x2.is_cuda else INTERPRETER_SM_COUNT
     block_m, block_k, k_per_split, split = _launch_shape(M, N, K, n_sm, cfg)
     n_blocks = _cdiv(N, cfg.block_n)
@@ -610,9 +682,9 @@ def event_gemv(x: torch.Tensor, weight_t: torch.Tensor, t: torch.Tensor | None =
     float32 accumulation, result in ``x.dtype``. ``backend``: ``"triton"``, ``"torch"``
     (:func:`event_gemv_torch`) or ``"auto"`` (Triton on CUDA for at most :data:`MAX_KERNEL_ROWS`
     rows without autograd). ``config``: which kernel, its tiles and launch shape (default
-    :data:`DEFAULT_CONFIG`, the masked kernel; :data:`COMPACT_CONFIG` compacts the events first,
-    :data:`EVENT_LIST_CONFIGS` list them once in a kernel of their own: these take one row only,
-    for several rows the masked kernel runs).
+    :data:`DEFAULT_CONFIG`, the masked kernel; :data:`COMPACT_CONFIG` compacts the events first and
+    takes one row only: for several rows the masked kernel runs; :data:`EVENT_LIST_CONFIGS` list
+    them once in a kernel of their own).
     """
     K, N = weight_t.shape
     if x.shape[-1] != K:
@@ -694,8 +766,9 @@ class EventLinear(nn.Linear):
     :func:`event_gemv`: the torch fallback on CPU) or ``"dense"``. ``use_kernel`` (and ``config``)
     are set by :func:`tune_event_kernels`: whichever of dense and the kernels is fastest for this
     shape at the measured sparsity (:func:`best_kernel`).
-    ``max_rows`` is 1 by default: for several rows the kernel lost to cuBLAS on an H200 at every
-    sparsity (``benchmarks/results/gpu_sparse_gemv.csv``, batch 4). ``config``: the kernel and tiles
+    ``max_rows`` is 1 by default: for batches of 4 on an H200 the masked kernel lost to cuBLAS at
+    every sparsity and the event list won only from about 90% sparsity per row
+    (``benchmarks/results/gpu_sparse_gemv.csv``). ``config``: the kernel and tiles
     (None: :data:`DEFAULT_CONFIG`), also set by :func:`tune_event_kernels`. The transposed weights are a
     cached copy (one more copy of each swapped matrix), remade when the weight changes (device,
     dtype, in-place update).
@@ -943,18 +1016,23 @@ def break_even_sparsity(K: int, N: int, dtype: torch.dtype, device: torch.device
     return 1.0
 
 
+def event_list_configs(rows: int) -> tuple[KernelConfig, ...]:
+    """The event-list configurations :func:`best_kernel` tries for ``rows`` input rows."""
+    return EVENT_LIST_CONFIGS if rows == 1 else (EVENT_LIST_ROWS_CONFIG,)
+
+
 @functools.lru_cache(maxsize=None)
 def best_kernel(K: int, N: int, dtype: torch.dtype, device: torch.device, sparsity: float, rows: int = 1,
                 margin: float = 0.03) -> KernelConfig | None:
-    """The fastest of :data:`DEFAULT_CONFIG` (masked) and, for one row, :data:`COMPACT_CONFIG` and
-    :data:`EVENT_LIST_CONFIGS` for an ``[N, K]`` matrix at input ``sparsity`` on this GPU, timed
-    against the dense product; None (use dense) unless it beats dense by ``margin``."""
+    """The fastest of :data:`DEFAULT_CONFIG` (masked), the event lists (:func:`event_list_configs`) and,
+    for one row, :data:`COMPACT_CONFIG` for an ``[N, K]`` matrix at input ``sparsity`` (each row's) on this GPU,
+    timed against the dense product; None (use dense) unless it beats dense by ``margin``."""
     ws, wts = rotating_weights(K, N, device, dtype)
     xs = sparse_inputs(rows, K, sparsity, len(ws), device, dtype, seed=1)
     dense = gpu_time(cycling(lambda i: F.linear(xs[i], ws[i]), len(ws)))
     best, best_time = None, (1 - margin) * dense
-    one_row = (COMPACT_CONFIG,) + (EVENT_LIST_CONFIGS if K <= MAX_EVENT_LIST_INPUTS else ())
-    for cfg in (DEFAULT_CONFIG,) + (one_row if rows == 1 else ()):
+    lists = event_list_configs(rows) if K <= MAX_EVENT_LIST_INPUTS else ()
+    for cfg in (DEFAULT_CONFIG,) + ((COMPACT_CONFIG,) if rows == 1 else ()) + lists:
         t = gpu_time(cycling(lambda i: event_gemv(xs[i], wts[i], config=cfg), len(ws)))
         if t < best_time:
             best, best_time = cfg, t
