@@ -5,7 +5,7 @@
 
 What a researcher gets today on a GPU from the same thresholds: the model decodes ``--tokens``
 tokens greedily from ``--prompt``, once with dense matrix products and once with
-``rllm.sparse_gemv``'s event kernels (on CUDA, per matrix, the fastest of dense and the two Triton
+``rllm.sparse_gemv``'s event kernels (on CUDA, per matrix, the fastest of dense and the Triton
 kernels at the sparsity it sees, measured on this GPU; on CPU the torch fallback, which gathers the
 weight rows of the firing inputs). Both
 runs use the same schedule and fp32 accumulation; the command prints tokens/s of each, their
@@ -93,7 +93,7 @@ def _main(a) -> int:
         sched = uniform(model, c, sparsity=a.sparsity, target="mac", device=a.device, progress=False)
     sched.apply(model)
     dense_tokens, dense_tps = greedy(model, ids, a.tokens, dev)
-    # On CUDA each matrix gets the fastest of dense and the two kernels at its measured sparsity
+    # On CUDA each matrix gets the fastest of dense and the kernels at its measured sparsity
     # (tuned on the prompt and calibration tokens); on CPU every matrix takes the torch fallback.
     sample = None
     if dev.type == "cuda":
