@@ -3,7 +3,7 @@
 One run on one CUDA GPU, everything side by side:
 
 1. **Check**: the Triton kernels (the masked one with each way of adding split sums, the
-   compacting one, the event list in both configurations) against a float64 reference on
+   compacting one, the event list in each of its configurations) against a float64 reference on
    real shapes (fp16, bf16, fp32; 1 to 16 rows; no/scalar/per-input threshold; bias), with NaN in
    the weights of every silent input (reading one would show), repeated launches bit-identical,
    CUDA-graph replay equal to eager, back-to-back launches on different inputs, and every matrix
