@@ -186,7 +186,7 @@ def test_opt_keeps_its_site_hooks():
 
 INTERPRETED = textwrap.dedent("""
     import torch
-    from rllm.sparse_gemv import KernelConfig, event_gemv, event_gemv_torch, transpose_weight
+    from rllm.sparse_gemv import KernelConfig, event_gemv, event_gemv_torch, event_list, transpose_weight
     torch.manual_seed(0)
     cases = [(1, 100, 70, None, False, KernelConfig(block_n=32, block_k=16)),
              (1, 128, 96, "scalar", True, KernelConfig(block_n=64, block_k=16, waves=64, min_iters=1)),  # 8 splits
@@ -227,6 +227,16 @@ INTERPRETED = textwrap.dedent("""
             err = float((y.double() - ref).norm() / ref.norm())
             assert err < (1e-6 if dtype == torch.float32 else 1e-3), (dtype, rows, K, N, err)
             assert torch.equal(y, again)
+    # the list itself: inputs firing in any row, in order, each row's thresholded values, over 3 programs
+    x = torch.randn(3, 2500)
+    x[torch.rand(3, 2500) < 0.7] = 0
+    t = torch.rand(2500) * 0.5
+    events = event_list(x, t)
+    xt = torch.where(x.abs() >= t, x, torch.zeros(()))
+    fire = (xt != 0).any(0).nonzero().squeeze(1)
+    n = int(events.count)
+    assert n == len(fire) and torch.equal(events.indices[:n].long(), fire)
+    assert torch.equal(events.values[:, :n], xt[:, fire])
     # nothing fires: the event list is empty and y is the bias alone
     for cfg in (KernelConfig(algorithm="events", block_n=16, block_k=16, waves=4),
                 KernelConfig(algorithm="compact", block_n=16, block_k=16, inputs=16)):
