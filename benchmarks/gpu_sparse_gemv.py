@@ -329,7 +329,7 @@ def sweep(dev, dtype, reduces) -> tuple[pd.DataFrame, KernelConfig]:
     rows += run(compact, len(configs))
     best_compact = best_of(pd.DataFrame(rows), {len(configs) + i: c for i, c in enumerate(compact)})
     configs += compact
-    events = [KernelConfig(algorithm="events", pdl=True, **c) for c in (
+    events = [KernelConfig(algorithm="events", pdl=True, fma_rows=4, **c) for c in (
         dict(block_n=64, block_k=64, num_stages=5, waves=2), dict(block_n=32, block_k=64, num_stages=5, waves=2),
         dict(block_n=64, block_k=32, num_stages=5, waves=2), dict(block_n=64, block_k=64, num_stages=3, waves=2),
         dict(block_n=64, block_k=64, num_stages=5, waves=4), dict(block_n=128, block_k=32, num_stages=4, waves=2),

@@ -398,11 +398,13 @@ if HAS_TRITON:
     @triton.jit
     def _event_list_gemv_kernel(IDX, VAL, COUNT, WT, BIAS, Y, P, TICKETS, M, N, K, N_LOAD, stride_wk, stride_ym,
                                 SPLIT_K: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                                NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, FMA: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                PDL: tl.constexpr):
         """The product from an event list: the ``SPLIT_K`` programs of an output block share its events
-        evenly (whole ``BLOCK_K`` steps) and gather only their weight rows; several rows (``BLOCK_M``
-        16) go through ``tl.dot``."""
+        evenly (whole ``BLOCK_K`` steps) and gather only their weight rows. Several rows: up to 4
+        (``BLOCK_M`` 2 or 4, ``FMA``) with a partial sum per row in registers, more (``BLOCK_M`` 16)
+        through ``tl.dot``."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -431,14 +433,22 @@ if HAS_TRITON:
         else:
             rows = tl.arange(0, BLOCK_M)
             r_ok = rows < M
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if FMA:
+                acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for j in tl.range(lo, hi, BLOCK_K, num_stages=NUM_STAGES):
                 live = j + ar < hi
                 k = tl.load(IDX + j + ar, mask=live, other=0)
                 x = tl.load(VAL + rows[:, None] * K + (j + ar)[None, :], mask=r_ok[:, None] & live[None, :], other=0.0)
                 w = tl.load(WT + k[:, None] * stride_wk + offs_n[None, :], mask=live[:, None] & n_load[None, :],
                             other=0.0)
-                acc = tl.dot(x.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+                if FMA:
+                    acc3 += x[:, :, None] * w.to(tl.float32)[None, :, :]
+                else:
+                    acc = tl.dot(x.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+            if FMA:
+                acc = tl.sum(acc3, axis=1)
             if PDL:
                 gdc_launch_dependents()
             _finish_rows(acc, BIAS, Y, P, TICKETS, M, N, stride_ym, rows, r_ok, offs_n, n_ok, pid_n, pid_k, SPLIT_K,
@@ -459,7 +469,9 @@ class KernelConfig:
     each weight row read once for all of them). Masked and events: ``waves`` is
     the aimed-for number of programs per multiprocessor, which sets the split of the inputs (of
     the events); masked: ``min_iters`` the fewest ``block_k`` steps a split may have. Compact and
-    events: ``num_stages`` is Triton's pipelining depth of the gather loop. ``pdl``: launch with
+    events: ``num_stages`` is Triton's pipelining depth of the gather loop. Events: ``fma_rows``,
+    up to how many rows keep a partial sum per row in registers (more go through ``tl.dot``,
+    whose tiles have 16 rows). ``pdl``: launch with
     programmatic dependent launch where the GPU and Triton have it (Hopper on): a kernel's
     programs take their places while the kernel before it finishes and wait for its results.
     :data:`DEFAULT_CONFIG` (masked) and :data:`COMPACT_CONFIG` are the fastest at 50% sparsity
@@ -479,6 +491,7 @@ class KernelConfig:
     algorithm: str = "masked"  # or "compact", "events"
     inputs: int = 1024  # compact: inputs per program (a power of two)
     pdl: bool = False   # programmatic dependent launch, where available
+    fma_rows: int = 0   # events: up to this many rows with a partial sum per row in registers, more through tl.dot
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -492,8 +505,8 @@ COMPACT_CONFIG = KernelConfig(algorithm="compact", block_n=128, block_k=32, num_
 # The best of the sweep, and the best with other output blocks: wide blocks suit wide matrices (4096->14336),
 # narrow ones the others (2048->8192).
 EVENT_LIST_CONFIGS = (
-    KernelConfig(algorithm="events", block_n=64, block_k=32, num_warps=4, num_stages=5, waves=2, pdl=True),
-    KernelConfig(algorithm="events", block_n=32, block_k=64, num_warps=4, num_stages=5, waves=2, pdl=True))
+    KernelConfig(algorithm="events", block_n=64, block_k=32, num_warps=4, num_stages=5, waves=2, pdl=True, fma_rows=4),
+    KernelConfig(algorithm="events", block_n=32, block_k=64, num_warps=4, num_stages=5, waves=2, pdl=True, fma_rows=4))
 # Several rows (tl.dot): the fastest of 18 tilings for 4 rows at 0% and 90% sparsity on an H200.
 EVENT_LIST_ROWS_CONFIG = KernelConfig(algorithm="events", block_n=256, block_k=32, num_warps=8, num_stages=3, waves=2,
                                       pdl=True)
@@ -599,7 +612,7 @@ def event_list(x: torch.Tensor, t: torch.Tensor | None = None, *, pdl: bool = Fa
     has_t = t is not None
     _event_list_kernel[(chunks,)](x2, t if has_t else x2, idx, val, count, rows, K, x2.stride(0), HAS_T=has_t,
                                   T_VEC=has_t and t.ndim == 1, CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk,
-                                  BLOCK_M=1 if rows == 1 else 16, PDL=pdl, num_warps=4,
+                                  BLOCK_M=triton.next_power_of_2(rows), PDL=pdl, num_warps=4,
                                   **({"launch_pdl": True} if pdl else {}))
     return EventList(idx, val[:rows * K].view(rows, K), count)
 
@@ -615,13 +628,15 @@ def event_list_gemv(events: EventList, weight_t: torch.Tensor, bias: torch.Tenso
     split = max(1, min(MAX_SPLIT, round(cfg.waves * n_sm / n_blocks)))
     partials, tickets = _workspace(weight_t.device, split, rows, N, n_blocks)
     y = torch.empty(rows, N, device=weight_t.device, dtype=dtype)
-    block_m = 1 if rows == 1 else 16
+    fma = 1 < rows <= cfg.fma_rows
+    block_m = 1 if rows == 1 else (triton.next_power_of_2(rows) if fma else 16)
     _event_list_gemv_kernel[(n_blocks, split)](
         events.indices, events.values, events.count, weight_t, bias if bias is not None else weight_t, y, partials,
         tickets, rows, N, K, _n_load(weight_t), weight_t.stride(0), y.stride(0), SPLIT_K=split,
         SPLIT_P2=triton.next_power_of_2(split), HAS_BIAS=bias is not None, NUM_STAGES=cfg.num_stages,
-        DOT_PRECISION="ieee" if weight_t.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k if rows == 1 else max(16, cfg.block_k), PDL=pdl, num_warps=cfg.num_warps,
+        DOT_PRECISION="ieee" if weight_t.dtype == torch.float32 else "tf32", FMA=fma, BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k if rows == 1 or fma else max(16, cfg.block_k), PDL=pdl,
+        num_warps=cfg.num_warps,
         **({"launch_pdl": True} if pdl else {}))
     return y
 
@@ -1018,7 +1033,9 @@ def break_even_sparsity(K: int, N: int, dtype: torch.dtype, device: torch.device
 
 def event_list_configs(rows: int) -> tuple[KernelConfig, ...]:
     """The event-list configurations :func:`best_kernel` tries for ``rows`` input rows."""
-    return EVENT_LIST_CONFIGS if rows == 1 else (EVENT_LIST_ROWS_CONFIG,)
+    if rows == 1:
+        return EVENT_LIST_CONFIGS
+    return tuple(c for c in EVENT_LIST_CONFIGS if rows <= c.fma_rows) + (EVENT_LIST_ROWS_CONFIG,)
 
 
 @functools.lru_cache(maxsize=None)

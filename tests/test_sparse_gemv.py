@@ -199,13 +199,16 @@ INTERPRETED = textwrap.dedent("""
              (1, 100, 70, "scalar", True, KernelConfig(algorithm="compact", block_n=64, block_k=16, inputs=16)),
              (3, 72, 40, "vector", True, KernelConfig(algorithm="compact", block_n=32, block_k=16, inputs=32)),
              # the event list: one split, 3 and 16 splits sharing the events, 5000 inputs (five programs
-             # list it), several rows (inputs firing in any row, through tl.dot)
+             # list it), several rows (inputs firing in any row: through tl.dot, or a partial sum per row)
              (1, 100, 70, "scalar", True, KernelConfig(algorithm="events", block_n=32, block_k=16, waves=1)),
              (1, 72, 40, None, False, KernelConfig(algorithm="events", block_n=16, block_k=16, waves=2, pdl=True)),
              (1, 128, 16, "vector", True, KernelConfig(algorithm="events", block_n=16, block_k=16, waves=64)),
              (1, 5000, 24, "scalar", False, KernelConfig(algorithm="events", block_n=16, block_k=64, waves=8)),
              (3, 72, 40, "vector", True, KernelConfig(algorithm="events", block_n=32, block_k=16)),
              (16, 100, 48, "scalar", True, KernelConfig(algorithm="events", block_n=16, block_k=16, waves=8)),
+             (2, 100, 48, "vector", True, KernelConfig(algorithm="events", block_n=16, block_k=16, fma_rows=4)),
+             (3, 1500, 40, "scalar", False, KernelConfig(algorithm="events", block_n=32, block_k=16, waves=4,
+                                                         fma_rows=4)),
              (5, 3000, 24, None, False, KernelConfig(algorithm="events", block_n=16, block_k=32, waves=4))]
     for dtype in (torch.float32, torch.float16):
         for rows, K, N, kind, bias, cfg in cases:
