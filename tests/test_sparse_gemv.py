@@ -264,6 +264,8 @@ def test_kernel_config_is_checked():
     assert {c.algorithm for c in EVENT_LIST_CONFIGS} == {"events"}
     with pytest.raises(ValueError, match="at most"):  # longer inputs take the other kernels (best_kernel)
         event_list(torch.zeros(MAX_EVENT_LIST_INPUTS + 1))
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        event_list(torch.zeros(17, 8))
     with pytest.raises(ValueError, match="algorithm must be"):
         KernelConfig(algorithm="sparse")
     with pytest.raises(ValueError, match="power of two"):
