@@ -40,10 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from rllm.events import SparsityMeter, summarize
-from rllm.evaluate import applied_thresholds, cloze_accuracy, load_task
+from rllm.evaluate import cloze_accuracy, load_task, token_nll
 from thresholds import ScheduleCache, calibrate, teal_trajectory
 from thresholds.calibrate import load_calib_tokens
 
@@ -102,21 +101,21 @@ class Runner:
         return calibrate(self.model, self.calib, algorithm, cache=self.cache, model_name=self.name,
                          calib_description=self.calib_desc, device=self.a.device, progress=False, **kw)
 
-    def evaluate(self, thresholds) -> dict:
+    def evaluate(self, thresholds) -> tuple[dict, np.ndarray]:
+        """Held-out figures of ``thresholds``, and the per-token held-out NLL behind their perplexity."""
         t0 = time.perf_counter()
         with SparsityMeter(self.model) as meter:
-            nll = token_nll(self.model, self.eval_ids, thresholds, self.a.seq_len, self.a.device)
-        self.last_nll = nll
+            nll = token_nll(self.model, self.eval_ids, ctx=self.a.seq_len, device=self.a.device,
+                            thresholds=thresholds).numpy()
         ev = summarize(meter.table())
         cz = cloze_accuracy(self.model, self.tok, self.cloze, thresholds=thresholds, device=self.a.device,
                             progress=False)
         return dict(ppl=math.exp(float(nll.mean())), cloze_acc=cz.acc, cloze_stderr=cz.acc_stderr,
                     eval_sparsity_mac=ev["sparsity_mac_weighted"], eval_sparsity_mean=ev["sparsity_mean"],
-                    eval_s=time.perf_counter() - t0)
+                    eval_s=time.perf_counter() - t0), nll
 
     def record(self, algorithm, sched, point, knob=None):
-        ev = self.evaluate(sched)
-        self.nll[(algorithm, point)] = self.last_nll
+        ev, self.nll[(algorithm, point)] = self.evaluate(sched)
         s = sched.summary
         row = dict(algorithm=algorithm, point=point, knob=knob,
                    sparsity_mac=s["sparsity_mac_weighted"], sparsity_mean=s["sparsity_mean"],
@@ -196,22 +195,6 @@ def bisect_within_5pct(make, lo: float, hi: float, iters: int, best=None):
     return best
 
 
-def token_nll(model, ids, thresholds, ctx: int, device=None) -> np.ndarray:
-    """Per-token NLL (float64) of one document of token ids, the state carried across ``ctx``-token
-    windows: what ``rllm.evaluate.perplexity`` computes for token ids (its ppl is ``exp(mean)``)."""
-    dev = torch.device(device) if device else next(model.parameters()).device
-    x = torch.as_tensor(ids, dtype=torch.long, device=dev).unsqueeze(0)
-    out, state = [], None
-    with applied_thresholds(model, thresholds), torch.no_grad():
-        model.eval()
-        for s in range(0, x.shape[1] - 1, ctx):
-            logits, state = model(x[:, s:min(s + ctx, x.shape[1] - 1)], state=state, return_state=True)[:2]
-            tgt = x[:, s + 1:s + 1 + logits.shape[1]]
-            out.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                       reduction="none").double().cpu())
-    return torch.cat(out).numpy()
-
-
 def paired_se(a: np.ndarray, b: np.ndarray, block: int) -> tuple[float, float]:
     """Mean per-token NLL difference ``a - b`` (= the log of the perplexity ratio) and its standard
     error from the means of contiguous blocks of ``block`` tokens."""
@@ -269,7 +252,7 @@ def main(argv=None):
 
     zero = {n: 0.0 for n in m.sites}
     base = R.cal("sequential", tolerance=0.0)  # the natural-sparsity schedule (all thresholds 0)
-    R.dense = R.evaluate(zero)
+    R.dense, _ = R.evaluate(zero)
     dense_loss = base.summary["dense_loss"]
     R.rows.append(dict(algorithm="dense", point="dense", knob=0.0, sparsity_mac=base.sparsity_mac_weighted,
                        sparsity_mean=base.sparsity_mean, natural_mac=base.summary["natural_mac_weighted"], added_mac=0.0,
@@ -395,18 +378,18 @@ def write_summary(df: pd.DataFrame, path: Path, a, R, wall: float) -> None:
         if "sequential" not in g.index or pt in ("dense", "max5%"):
             continue
         sp = g.loc["sequential", "ppl"]
+        others = [alg for alg in g.index if alg != "sequential"]
+        paired = {alg: paired_se(R.nll[("sequential", pt)], R.nll[(alg, pt)], a.se_block) for alg in others
+                  if ("sequential", pt) in R.nll and (alg, pt) in R.nll}  # seq - alg: (mean, SE)
         comp = []
-        for alg, v in g.ppl.items():
-            if alg == "sequential":
-                continue
-            txt = f"{alg} {v:.3f}"
-            if ("sequential", pt) in R.nll and (alg, pt) in R.nll:
-                mu, se = paired_se(R.nll[("sequential", pt)], R.nll[(alg, pt)], a.se_block)
+        for alg in others:
+            txt = f"{alg} {g.ppl[alg]:.3f}"
+            if alg in paired:
+                mu, se = paired[alg]
                 txt += f" (seq - {alg}: {1e3 * mu:+.2f}e-3 +- {1e3 * se:.2f}e-3 log-ppl, z {mu / se:+.1f})"
             comp.append(txt)
-        better = [alg for alg, v in g.ppl.items() if alg != "sequential" and v < sp]
-        signif = [alg for alg in better if ("sequential", pt) in R.nll and (alg, pt) in R.nll
-                  and (lambda d: d[0] > 2 * d[1])(paired_se(R.nll[("sequential", pt)], R.nll[(alg, pt)], a.se_block))]
+        better = [alg for alg in others if g.ppl[alg] < sp]
+        signif = [alg for alg in better if alg in paired and paired[alg][0] > 2 * paired[alg][1]]
         lines.append(f"- {pt}: sequential ppl {sp:.3f}; " + ", ".join(comp) +
                      (f" -> better than sequential: {', '.join(better)} (beyond 2 SE: {', '.join(signif) or 'none'})"
                       if better else " -> sequential best"))

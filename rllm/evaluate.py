@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 __all__ = [
     "PerplexityResult", "ClozeItem", "ClozeResult", "MCItem", "MCResult",
-    "perplexity", "cloze_accuracy", "multiple_choice", "loglikelihood", "evaluate_all",
+    "perplexity", "token_nll", "cloze_accuracy", "multiple_choice", "loglikelihood", "evaluate_all",
     "load_task", "detect_kind", "TASK_KINDS", "PARSERS", "encode_pair",
     "applied_thresholds", "supports_state", "is_recurrent", "context_limit",
 ]
@@ -412,12 +412,37 @@ def perplexity(
     return PerplexityResult.from_counts(nll, n_tokens, "stateful" if stateful else "windowed", ctx, n_bytes, n_words)
 
 
-def _nll_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> float:
+def _token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy (float64, shaped like ``targets``)."""
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return float((ce.double() * mask.reshape(-1).double()).sum())
+    return ce.double().reshape(targets.shape)
 
 
-def _ppl_stateful(model, docs, ctx, batch_size, dev, bar) -> float:
+def _nll_sum(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((_token_ce(logits, targets) * mask.double()).sum())
+
+
+def token_nll(model: Callable, ids: Sequence[int] | torch.Tensor, *, ctx: int | None = None,
+              device: str | torch.device | None = None, thresholds: Any = None) -> torch.Tensor:
+    """Per-token NLL (float64, nats, on the CPU) of one document of token ids, the state carried across
+    ``ctx``-token windows: ``perplexity(model, None, ids, ctx=ctx, stateful=True).ppl`` is the exp of
+    its mean. For paired comparisons of two models or schedules token by token."""
+    ids = [int(i) for i in ids]
+    if len(ids) < 2:
+        raise ValueError(f"token_nll needs at least 2 tokens, got {len(ids)}")
+    if not supports_state(model):
+        raise ValueError(f"{type(model).__name__}.forward takes no state/return_state: token_nll is stateful")
+    if ctx is None:
+        ctx = int(getattr(getattr(model, "config", None), "context_length", 0) or 1024)
+    out: list[torch.Tensor] = []
+    with _evaluating(model, thresholds), tqdm(disable=True) as bar:
+        _ppl_stateful(model, [ids], ctx, 1, _model_device(model, device), bar, per_token=out)
+    return torch.cat(out)
+
+
+def _ppl_stateful(model, docs, ctx, batch_size, dev, bar, per_token: list | None = None) -> float:
+    """Summed NLL of ``docs``, state carried across windows; ``per_token``: a list that receives each
+    window's per-token NLL of the first document (for :func:`token_nll`, one document)."""
     docs = sorted((d for d in docs if len(d) > 1), key=len, reverse=True)
     total = 0.0
     for b in range(0, len(docs), batch_size):
@@ -435,7 +460,10 @@ def _ppl_stateful(model, docs, ctx, batch_size, dev, bar) -> float:
         for s in range(0, T, ctx):
             out = model(inp[:, s:s + ctx], state=state, return_state=True)
             logits, state = _as_logits(out[0]), out[1]
-            total += _nll_sum(logits, tgt[:, s:s + ctx], mask[:, s:s + ctx])
+            ce = _token_ce(logits, tgt[:, s:s + ctx])
+            total += float((ce * mask[:, s:s + ctx].double()).sum())
+            if per_token is not None:
+                per_token.append(ce[0][mask[0, s:s + ctx]].cpu())
             bar.update(int(mask[:, s:s + ctx].sum()))
     return total
 

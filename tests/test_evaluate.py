@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from rllm.evaluate import (
     ClozeItem, MCItem, cloze_accuracy, context_limit, detect_kind, encode_pair, evaluate_all, is_recurrent,
-    load_task, loglikelihood, multiple_choice, perplexity, supports_state,
+    load_task, loglikelihood, multiple_choice, perplexity, supports_state, token_nll,
 )
 from rllm.model import RWKV, RWKVConfig
 
@@ -117,6 +117,21 @@ def test_stateful_windows_equal_one_full_pass(rwkv, tok):
     assert full.nll == pytest.approx(direct_nll(rwkv, [0] + ids), rel=1e-5)
     for ctx in (5, 16):
         assert perplexity(rwkv, tok, TEXT, ctx=ctx, progress=False).nll == pytest.approx(full.nll, rel=1e-5)
+
+
+def test_token_nll_is_the_per_token_cross_entropy(rwkv, tok):
+    ids = ids_of(tok, TEXT)
+    with torch.no_grad():
+        logits = rwkv(torch.tensor([ids[:-1]]))
+    ref = F.cross_entropy(logits[0].double(), torch.tensor(ids[1:]), reduction="none")
+    for ctx in (5, 10_000):  # the state carried across windows: the same numbers
+        nll = token_nll(rwkv, ids, ctx=ctx)
+        assert nll.dtype == torch.float64 and nll.shape == (len(ids) - 1,)
+        torch.testing.assert_close(nll, ref, rtol=1e-5, atol=1e-6)
+    assert math.exp(float(nll.mean())) == pytest.approx(
+        perplexity(rwkv, None, ids, ctx=7, bos_id=None, progress=False).ppl, rel=1e-9)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        token_nll(rwkv, ids[:1])
 
 
 def test_batched_documents_equal_one_at_a_time(rwkv, tok):
