@@ -554,12 +554,11 @@ def _compact_gemv(x2: torch.Tensor, weight_t: torch.Tensor, t: torch.Tensor | No
     K, N = weight_t.shape
     inputs = min(cfg.inputs, max(16, triton.next_power_of_2(K)))
     split, n_blocks = _cdiv(K, inputs), _cdiv(N, cfg.block_n)
-    key = (x2.device, "compact", split, N, n_blocks, inputs)
-    if key not in _workspaces:  # partial sums, tickets, and each program's own index scratch
-        _workspaces[key] = (torch.empty(split * N, device=x2.device, dtype=torch.float32),
-                            torch.zeros(n_blocks, device=x2.device, dtype=torch.int32),
-                            torch.empty(n_blocks * split * inputs, device=x2.device, dtype=torch.int32))
-    partials, tickets, scratch = _workspaces[key]
+    partials, tickets = _workspace(x2.device, split, 1, N, n_blocks)
+    key = (x2.device, "compact scratch", n_blocks * split * inputs)  # each program's own index scratch
+    if key not in _workspaces:
+        _workspaces[key] = torch.empty(key[2], device=x2.device, dtype=torch.int32)
+    scratch = _workspaces[key]
     y = torch.empty(1, N, device=x2.device, dtype=x2.dtype)
     has_t = t is not None
     _event_gemv_compact_kernel[(n_blocks, split)](
