@@ -7,10 +7,9 @@ What a researcher gets today on a GPU from the same thresholds: the model decode
 tokens greedily from ``--prompt``, once with dense matrix products and once with
 ``rllm.sparse_gemv``'s event kernels (on CUDA, per matrix, the fastest of dense and the Triton
 kernels at the sparsity it sees, measured on this GPU; on CPU the torch fallback, which gathers the
-weight rows of the firing inputs). Both
-runs use the same schedule and fp32 accumulation; the command prints tokens/s of each, their
-ratio and whether the generated tokens agree. RWKV-4 decodes in step mode; OPT (``opt_125m``...)
-through its key/value cache.
+weight rows of the firing inputs). Both runs use the same schedule and fp32 accumulation; the
+command prints tokens/s of each, their ratio and whether the generated tokens agree. RWKV-4
+decodes in step mode; OPT (``opt_125m``...) through its key/value cache.
 """
 from __future__ import annotations
 
@@ -77,6 +76,7 @@ def _main(a) -> int:
     if tok is None:
         raise P.ExperimentError(f"{lm.name}: no tokenizer beside the weights ({lm.source}); decoding needs one")
     ids = tok.encode(a.prompt).ids or [0]
+    calib = P._data_file(lm, "calib.txt")
     if a.schedule:
         try:
             sched = Schedule.load(a.schedule, model=model)
@@ -85,7 +85,6 @@ def _main(a) -> int:
     else:
         if not 0 <= a.sparsity < 1:
             raise P.ExperimentError(f"--sparsity must be in [0, 1), got {a.sparsity}")
-        calib = P._data_file(lm, "calib.txt")
         if calib is None:
             raise P.ExperimentError(f"{lm.name}: no calib.txt beside the weights; pass --schedule FILE")
         from thresholds.calibrate import load_calib_tokens
@@ -97,7 +96,6 @@ def _main(a) -> int:
     # (tuned on the prompt and calibration tokens); on CPU every matrix takes the torch fallback.
     sample = None
     if dev.type == "cuda":
-        calib = P._data_file(lm, "calib.txt")
         text = calib.read_text(encoding="utf-8")[:4000] if calib is not None else a.prompt * 64
         sample = torch.tensor([(tok.encode(text).ids or ids)[:16]], device=dev)
     enable_event_kernels(model, sample=sample)
