@@ -192,7 +192,8 @@ class Context:
         if n < 1:
             raise ExperimentError(f"{calib_path}: fewer than {L} tokens; it cannot calibrate")
         calib = ids[: n * L].reshape(n, L)
-        eval_ids = load_calib_tokens(eval_path, tok)[: setup.eval_tokens].tolist()
+        eval_all = load_calib_tokens(eval_path, tok)
+        eval_ids = eval_all[: setup.eval_tokens].tolist()
         cz = _data_file(lm, "cloze.jsonl")
         cloze = load_task(cz, "lambada")[: setup.cloze_items] if cz is not None and setup.cloze_items else None
         tasks = {}
@@ -207,7 +208,7 @@ class Context:
                 tasks[p.stem] = load_task(p)
             except (ValueError, KeyError) as e:
                 raise ExperimentError(f"{p}: {e}") from None
-        sim = np.asarray(load_calib_tokens(eval_path, tok)[: setup.sim_tokens].tolist(), dtype=np.int64)
+        sim = np.asarray(eval_all[: setup.sim_tokens].tolist(), dtype=np.int64)
         return cls(setup=setup, model=model, tokenizer=tok, name=lm.name, kind=kind, calib=calib,
                    calib_desc=f"calib.txt ({lm.name}), {n} x {L} tokens", eval_ids=eval_ids, cloze=cloze,
                    tasks=tasks, arch=arch, sim_ids=sim)

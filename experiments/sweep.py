@@ -10,8 +10,12 @@ finishes (atomically; the key hashes the setup, the algorithm, its parameters an
 A restarted sweep skips the points already there, so an interrupted sweep resumes where it
 stopped, and its ``sweep.csv`` (rows sorted by algorithm and knob; no timings in it: those go
 to ``timings.csv``) equals an uninterrupted run's. Points run in parallel on ``--workers``
-local processes (default), or on a Ray cluster with ``--engine ray`` (``pip install ray``;
-``ray.init(address="auto")`` joins a running cluster, else a local one starts).
+local processes (default; fresh interpreters, each with its share of the cores, watched by
+``experiments.workers``), or on a Ray cluster with ``--engine ray`` (``pip install ray``; it
+joins the cluster at ``$RAY_ADDRESS`` or a running local one, else starts one).
+A point that fails (it raises, its worker dies, or its worker hangs) is reported, its traceback
+kept in ``OUT/failed/``, and the sweep goes on; the command then exits 1 and a rerun retries
+just the failed points. Ctrl-C stops the workers at once; finished points are kept.
 Outputs: ``sweep.csv``, ``timings.csv``, ``energy_vs_accuracy.png``.
 """
 from __future__ import annotations
@@ -21,32 +25,35 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import traceback
 from pathlib import Path
 
 import pandas as pd
 
 from experiments import pipeline as P
+from experiments import workers
 
 _CTX: P.Context | None = None
 
 
-def _worker_init(setup: P.Setup, threads: int) -> None:
-    import torch
-    torch.set_num_threads(max(1, threads))
+def _worker_init(setup: P.Setup, threads: int | None = None) -> None:
+    """Load a worker's context once (``threads``: set its torch and numba threads first)."""
     global _CTX
+    if threads is not None:
+        workers.set_threads(threads)
     _CTX = P.Context.load(setup)
 
 
-def _work(alg: str, knob: float) -> tuple[str, float, dict]:
-    ctx = _CTX
-    params = P.resolve_knob(ctx, alg, knob)
-    pt = P.run_point(ctx, alg, params)
-    return alg, knob, {"row": pt.row, "timing": pt.timing}
+def _work(alg: str, knob: float) -> dict:
+    params = P.resolve_knob(_CTX, alg, knob)
+    pt = P.run_point(_CTX, alg, params)
+    return {"row": pt.row, "timing": pt.timing}
 
 
 def _ray_point(setup: P.Setup, alg: str, knob: float):
-    """A Ray task: module-level, so Ray ships it by reference; each worker loads the context once."""
+    """A Ray task: module-level, so Ray ships it by reference; each worker loads the context once.
+    Ray starts its workers as fresh processes (not forks of the driver), so they hold no inherited
+    thread pools; a task gets one CPU by default, and uses one thread."""
     if _CTX is None or _CTX.setup != setup:
         _worker_init(setup, 1)
     return _work(alg, knob)
@@ -60,6 +67,13 @@ def _params_key(ctx_or_none, setup, alg, knob, fp):
     return P.point_key(setup, alg, params, fp)
 
 
+def default_workers(cores: int | None = None) -> int:
+    """One worker per two cores, at most 4. On 2 cores one point on 2 threads evaluates 1.75x as
+    fast as on 1, and two 1-thread workers side by side get only about 6% more done than that,
+    less than each worker's start and its own copy of per-model work (README, "Sweeps")."""
+    return max(1, min(4, (cores or os.cpu_count() or 1) // 2))
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,9 +84,13 @@ def parse(argv=None):
     ap.add_argument("--sparsities", type=float, nargs="+", default=list(P.DEFAULT_CURVE["uniform"]),
                     help="knob values of uniform/teal/cats/finetune (MAC-weighted targets)")
     ap.add_argument("--sweep-file", help="JSON with any of: algorithms, tolerances, sparsities")
-    ap.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 1)),
-                    help="parallel local processes (default: one per core, at most 4)")
+    ap.add_argument("--workers", type=int, default=default_workers(),
+                    help="parallel local processes, each with cores/workers threads (default: one per two cores, "
+                         "at most 4: a point's own threads already use two cores well)")
     ap.add_argument("--engine", choices=("local", "ray"), default="local")
+    ap.add_argument("--stall-timeout", type=float, default=300.0,
+                    help="seconds a local worker may hold a point without using CPU time before it counts as hung "
+                         "and the point as failed (0: never)")
     ap.add_argument("--arch")
     ap.add_argument("--weights")
     ap.add_argument("--random-weights", action="store_true")
@@ -95,7 +113,6 @@ def main(argv=None) -> int:
 
 def _main(a) -> int:
     from seneca_sim.arch import ArchError, default_arch, load_arch
-    from tqdm.auto import tqdm
 
     if a.sweep_file:
         try:
@@ -136,15 +153,9 @@ def _main(a) -> int:
           + (" on a Ray cluster" if a.engine == "ray" else f" on {a.workers} local worker(s)")
           + f"; results in {out}", flush=True)
     t0 = time.perf_counter()
+    failed = 0
     if todo:
-        # load once here first: a bad model name fails before any worker starts
-        P.Context.load(setup)
-        bar = tqdm(total=len(todo), desc="sweep", disable=a.quiet, dynamic_ncols=True)
-        for alg, k, rec in _run(todo, setup, a):
-            store.put(keys[(alg, k)], rec)
-            bar.update(1)
-            bar.set_postfix(last=f"{alg} {k:g}")
-        bar.close()
+        failed = _run_all(todo, setup, a, store, keys, out)
     recs = [store.get(keys[p]) for p in points]
     done = [r for r in recs if r is not None]
     rows = pd.DataFrame([r["row"] for r in done])
@@ -158,35 +169,83 @@ def _main(a) -> int:
     missing = len(points) - len(done)
     print(f"{len(done)}/{len(points)} points in {out / 'sweep.csv'} ({time.perf_counter() - t0:.0f} s)"
           + (f"; {missing} still to run: rerun to resume" if missing else ""))
+    if failed:
+        print(f"{failed} point(s) failed (why: {out / 'failed'}); rerun the same command to retry them",
+              file=sys.stderr)
+        return 1
     return 0
 
 
-def _run(todo, setup, a):
-    """Yield (algorithm, knob, record) as points finish, on the chosen engine."""
-    if a.engine == "ray":
-        try:
-            import ray
-        except ImportError:
-            raise P.ExperimentError("--engine ray needs Ray: pip install ray (or use the default --engine local)") from None
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto") if os.environ.get("RAY_ADDRESS") else None,
-                 ignore_reinit_error=True)
+def _run_all(todo, setup, a, store, keys, out) -> int:
+    """Run the points, storing each as it finishes; a failed one is reported and its traceback kept
+    in ``out/failed/``. Returns the number of failed points."""
+    from tqdm.auto import tqdm
+    failed = 0
+    bar = tqdm(total=len(todo), desc="sweep", disable=True)
+    def ready():  # the bar opens once the model has loaded: a bad model stays one line on stderr
+        nonlocal bar
+        bar = tqdm(total=len(todo), desc="sweep", disable=a.quiet, dynamic_ncols=True)
+    try:
+        for alg, k, rec in _run(todo, setup, a, ready):
+            key = keys[(alg, k)]
+            if isinstance(rec, workers.Failed):
+                failed += 1
+                tqdm.write(f"point {alg} {k:g} failed: {rec.reason}", file=sys.stderr)
+                P.atomic_write_text(out / "failed" / f"{key}.txt", f"{alg} {k:g}: {rec.reason}\n\n{rec.detail}")
+            else:
+                store.put(key, rec)
+                (out / "failed" / f"{key}.txt").unlink(missing_ok=True)
+            bar.update(1)
+            bar.set_postfix(last=f"{alg} {k:g}")
+    finally:
+        bar.close()
+    return failed
 
-        remote = ray.remote(_ray_point)
-        futures = [remote.remote(setup, alg, k) for alg, k in todo]
-        while futures:
-            ready, futures = ray.wait(futures, num_returns=1)
-            yield ray.get(ready[0])
-        return
-    if a.workers == 1:
-        _worker_init(setup, os.cpu_count() or 1)
+
+def _run(todo, setup, a, ready):
+    """Yield (algorithm, knob, record or workers.Failed) as points finish, on the chosen engine;
+    ``ready()`` is called once the model has loaded."""
+    if a.engine == "ray":
+        ready()
+        yield from _run_ray(todo, setup)
+    elif a.workers == 1:  # in this process: nothing forked, nothing to watch
+        _worker_init(setup, workers.threads_per_worker(1))  # bad input fails here, before any point
+        ready()
         for alg, k in todo:
-            yield _work(alg, k)
-        return
-    threads = max(1, (os.cpu_count() or 1) // a.workers)
-    with ProcessPoolExecutor(max_workers=a.workers, initializer=_worker_init, initargs=(setup, threads)) as ex:
-        futs = [ex.submit(_work, alg, k) for alg, k in todo]
-        for f in as_completed(futs):
-            yield f.result()
+            try:
+                yield alg, k, _work(alg, k)
+            except Exception as e:  # noqa: BLE001 - one failed point does not end the sweep
+                yield alg, k, workers.Failed(f"{type(e).__name__}: {e}", traceback.format_exc())
+    else:
+        try:
+            for i, rec in workers.run_tasks(_work, todo, workers=a.workers, init=_worker_init, initargs=(setup,),
+                                            stall_s=a.stall_timeout or None, on_ready=ready):
+                yield (*todo[i], rec)
+        except workers.WorkerInitError as e:  # bad input (a model that does not load) fails every worker alike
+            if isinstance(e.__cause__, P.ExperimentError):
+                raise e.__cause__ from None
+            raise P.ExperimentError(str(e)) from None
+
+
+def _run_ray(todo, setup):
+    try:
+        import ray
+    except ImportError:
+        raise P.ExperimentError("--engine ray needs Ray: pip install ray (or use the default --engine local)") from None
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True)
+    remote = ray.remote(_ray_point)
+    futures = {remote.remote(setup, alg, k): (alg, k) for alg, k in todo}
+    try:
+        while futures:
+            ready, _ = ray.wait(list(futures), num_returns=1)
+            alg, k = futures.pop(ready[0])
+            try:
+                yield alg, k, ray.get(ready[0])
+            except ray.exceptions.RayError as e:  # the task raised, or its worker died
+                yield alg, k, workers.Failed(str(e).strip().splitlines()[0], str(e))
+    finally:
+        for f in futures:
+            ray.cancel(f, force=True)
 
 
 if __name__ == "__main__":

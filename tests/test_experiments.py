@@ -2,7 +2,10 @@
 (a random 2-layer RWKV-4 with the shipped tokenizer and slices of the shipped texts), so the
 whole pipeline -- calibrate, evaluate, trace, compile, simulate, plot -- runs in seconds."""
 import json
+import os
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -131,6 +134,47 @@ def test_an_interrupted_sweep_resumes_and_equals_an_uninterrupted_one(ckpt, tmp_
     assert (b / "energy_vs_accuracy.png").is_file()
 
 
+PARALLEL = ["--algorithms", "uniform", "cats", "--sparsities", "0.4", "0.6"] + FAST
+
+
+def test_a_sweep_on_two_workers_equals_one_worker_byte_for_byte(ckpt, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sweep.main([str(ckpt), "--out", str(one), "--workers", "1"] + PARALLEL) == 0
+    assert sweep.main([str(ckpt), "--out", str(two), "--workers", "2"] + PARALLEL) == 0
+    assert (one / "sweep.csv").read_bytes() == (two / "sweep.csv").read_bytes()
+    assert len(pd.read_csv(two / "sweep.csv")) == 4
+
+
+def work_or_die(alg, knob):
+    """The sweep's point, except that the worker holding cats 0.6 is killed part-way through it."""
+    if (alg, knob) == ("cats", 0.6):
+        sweep._CTX.calib_loss()  # the point has started
+        os.kill(os.getpid(), signal.SIGKILL)
+    return sweep._work(alg, knob)
+
+
+def test_a_worker_killed_mid_point_fails_that_point_and_a_rerun_retries_only_it(ckpt, tmp_path, monkeypatch, capsys):
+    out, ref = tmp_path / "killed", tmp_path / "ref"
+    monkeypatch.setattr(sweep, "_work", work_or_die)  # the workers import this module's function by name
+    assert sweep.main([str(ckpt), "--out", str(out), "--workers", "2"] + PARALLEL) == 1
+    err = capsys.readouterr().err
+    assert "point cats 0.6 failed: worker process died (exit code -9)" in err and "rerun" in err
+    assert len(list((out / "points").glob("*.json"))) == 3 and len(list((out / "failed").glob("*.txt"))) == 1
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "points").glob("*.json")}
+    monkeypatch.undo()
+    assert sweep.main([str(ckpt), "--out", str(out), "--workers", "2"] + PARALLEL) == 0
+    assert "3 already done, 1 to run" in capsys.readouterr().out
+    assert all((out / "points" / n).stat().st_mtime_ns == t for n, t in before.items())
+    assert not list((out / "failed").glob("*.txt"))
+    assert sweep.main([str(ckpt), "--out", str(ref), "--workers", "1"] + PARALLEL) == 0
+    assert (out / "sweep.csv").read_bytes() == (ref / "sweep.csv").read_bytes()
+
+
+def test_a_model_that_does_not_load_in_the_workers_is_one_line(tmp_path, capsys):
+    assert sweep.main(["rwkv_tinny", "--out", str(tmp_path / "o"), "--workers", "2"] + PARALLEL) == 2
+    assert "unknown model" in one_line_error(capsys)
+
+
 def test_a_malformed_sweep_file_is_one_line(ckpt, tmp_path, capsys):
     f = tmp_path / "sweep.json"
     f.write_text('{"algorithms": ["magic"]}')
@@ -151,6 +195,27 @@ def test_a_sweep_on_ray_equals_the_local_one(ckpt, tmp_path):
     finally:
         ray.shutdown()
     assert (local / "sweep.csv").read_text() == (remote / "sweep.csv").read_text()
+
+
+def ray_point_or_die(setup, alg, knob):
+    if knob == 0.6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return sweep._ray_point(setup, alg, knob)
+
+
+def test_a_ray_worker_that_dies_fails_its_point_and_the_sweep_goes_on(ckpt, tmp_path, monkeypatch, capsys):
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(sweep, "_ray_point", ray_point_or_die)
+    ray.init(num_cpus=1, include_dashboard=False, ignore_reinit_error=True,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent)]
+                                                                      + [p for p in sys.path if p])}})
+    try:
+        code = sweep.main([str(ckpt), "--out", str(tmp_path / "r"), "--engine", "ray", "--algorithms", "uniform",
+                           "--sparsities", "0.4", "0.6", "--quiet"] + FAST)
+    finally:
+        ray.shutdown()
+    assert code == 1 and "point uniform 0.6 failed" in capsys.readouterr().err
+    assert len(pd.read_csv(tmp_path / "r" / "sweep.csv")) == 1
 
 
 def test_decode_with_event_kernels_gives_the_same_tokens(ckpt, capsys):
