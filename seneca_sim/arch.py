@@ -701,6 +701,16 @@ def figures_markdown(arch: Arch | None = None) -> str:
     return "\n".join(lines)
 
 
+def assumed_markdown(arch: Arch | None = None) -> str:
+    """Markdown table of the figures marked ``assumed`` (no published source), with their rationale:
+    the README's list is this table (``python -m seneca_sim.arch --assumed``)."""
+    arch = default_arch() if arch is None else arch
+    lines = ["| figure | assumed value | rationale |", "|---|---|---|"]
+    for key, f in arch.assumed_figures().items():
+        lines.append(f"| `{key}` | {_fmt_num(f.raw_value)} {f.raw_unit} | {f.rationale.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
 def _fmt_num(x: Any) -> str:
     if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
         return str(int(x))
@@ -781,6 +791,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if markdown:
         print(figures_markdown(arch))
+        return 0
+    if "--assumed" in argv:
+        print(assumed_markdown(arch))
         return 0
     print(f"{arch.origin}: OK ({arch.chip.name}; {arch.cores_per_chip} cores/chip, {arch.core.npe_count} NPEs/core, "
           f"{arch.core.data_memory_bytes // 1024} KiB data memory, {arch.chip.clock_hz / 1e6:g} MHz)")

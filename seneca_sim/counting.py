@@ -12,7 +12,8 @@ psum_ingest            partial sums received by row owners (by_inputs / grid til
 value_ingest           dense values received by element-wise stages (k, r, residual)    event_ingest
 neuron_update          element-wise NPE ops (graph.py's per-element counts) + psum adds  neuron_update
 threshold_compare      one per element at every site                                    threshold_compare
-event_generate         events sent by the producing core                                event_generate
+event_generate         values sent: events by the producing core, partial sums by the    event_generate
+                       sending tile, dense copies by the sending owner
 state_read/_write      words: recurrent state, parameters, accumulators (rows per tile   state_read_word /
                        per token), received values and partial sums                     state_write_word
 noc_flit_hop           flits x on-chip links of the multicast tree (XY, from Program)   noc_hop_per_flit
@@ -30,14 +31,17 @@ parallel); a phase takes
 
     NoC latency of its inputs + slowest core's compute + partial-sum NoC latency + slowest owner's reduction
 
-* NoC latency of a message: hops x (cycles per hop per flit + router latency) + chip crossings x
-  inter-chip latency + (flits - 1) x cycles per flit (serialization), longest path of the tree;
+* NoC latency of a message: the closed form of ``seneca_sim.network.analytic_latency`` (head
+  through the sender's injection port, every link and router of the XY path and the receiver's
+  ejection port; ``inter_chip_latency_cycles`` more per chip crossing; then (flits - 1) x cycles
+  per flit of serialization), to the route's farthest destination;
 * a tile spends per event ``controller_cycles_per_event + ceil(rows / npe) x (weight words per
   weight + MAC instructions / lanes) x npe_cycles`` (MAC = MUL + ADD: 2 instructions; binary
   events: 1), plus per token ``2 ceil(rows / npe)`` to store and read its accumulators;
 * element-wise work takes ``ceil(ops / npe)`` cycles, each received value or partial sum
-  ``controller_cycles_per_event`` (the controller handles every incoming pair), each generated
-  event ``event_queue_access_cycles``.
+  ``controller_cycles_per_event`` (the controller handles every incoming pair), each value sent
+  ``event_queue_access_cycles`` on the sender: an event in its emitting phase, a partial sum in
+  its matrix's phase, a dense copy at the end of the phase before the one that uses it.
 Tokens do not overlap (generation: token t+1 needs token t's output).
 
 Two small numba kernels do the per-token work; each has a plain-numpy twin used by the tests:
@@ -116,7 +120,7 @@ def _book(item_tot, tok_layer, tok_item, keep, t, it, lay, a, v):
 
 @njit(cache=True)
 def token_actions(ev_tiles, ev_routes, static_slot, static_noc,
-                  t_item, t_rows, t_words, t_slot, t_cyc, t_ptr, t_psum_on, t_psum_chip,
+                  t_item, t_rows, t_words, t_slot, t_cyc, t_ptr, t_psum_on, t_psum_chip, t_psum_pairs,
                   p_dst_item, p_pairs, p_slot, p_cyc, p_lat, p_phase,
                   r_src_item, r_on, r_chip, r_lat0, r_phase, r_slot,
                   slot_phase, slot_stage, core_item, item_layer, ppf, header, max_pairs, cyc_flit, evgen_cyc,
@@ -129,7 +133,8 @@ def token_actions(ev_tiles, ev_routes, static_slot, static_noc,
     booked here (:func:`run_kernels` adds them); their cycles are (``static_slot``, ``static_noc``).
     A received partial sum is booked once, as ``psum_ingest``; :func:`run_kernels` copies that
     count to the add, the accumulator read and write it also costs. ``t_psum_on/_chip``: flit-links
-    of all partial-sum messages a tile sends.
+    of all partial-sum messages a tile sends; ``t_psum_pairs``: the values in them, each generated
+    by the tile's core (event_generate, and an event-queue access on its cycles).
     """
     T = ev_tiles.shape[0]
     n_phases = phase_cyc.shape[1]
@@ -153,8 +158,10 @@ def token_actions(ev_tiles, ev_routes, static_slot, static_noc,
             _book(item_tot, tok_layer, tok_item, keep, t, it, lay, 2, ev * t_rows[i])             # mac
             slot[t_slot[i]] += ev * t_cyc[i]
             if t_ptr[i + 1] > t_ptr[i]:
+                _book(item_tot, tok_layer, tok_item, keep, t, it, lay, 7, t_psum_pairs[i])         # event_generate
                 _book(item_tot, tok_layer, tok_item, keep, t, it, lay, 10, t_psum_on[i])
                 _book(item_tot, tok_layer, tok_item, keep, t, it, lay, 11, t_psum_chip[i])
+                slot[t_slot[i]] += t_psum_pairs[i] * evgen_cyc
             for k in range(t_ptr[i], t_ptr[i + 1]):
                 _book(item_tot, tok_layer, tok_item, keep, t, p_dst_item[k], lay, 3, p_pairs[k])
                 slot[p_slot[k]] += p_cyc[k]
@@ -209,6 +216,8 @@ def token_actions_numpy(ev_tiles, ev_routes, tb: "CountTables"):
     np.add.at(slot, (slice(None), tb.t_slot), ev_tiles * tb.t_cyc)
     p_tile = np.repeat(np.arange(len(tb.t_item)), np.diff(tb.t_ptr))
     active = (ev_tiles[:, p_tile] > 0).astype(np.float64)            # [T, n_psum]
+    add(A_EVGEN, tb.p_src_item, active * tb.p_pairs)
+    np.add.at(slot, (slice(None), tb.p_src_slot), active * (tb.p_pairs * tb.evgen_cyc))
     add(A_NOC, tb.p_src_item, active * (tb.p_flits * tb.p_on))
     add(A_CHIP, tb.p_src_item, active * (tb.p_flits * tb.p_chip))
     for a in (A_PSUM, A_NEURON, A_SREAD, A_SWRITE):
@@ -262,7 +271,9 @@ class CountTables:
     t_ptr: np.ndarray
     t_psum_on: np.ndarray         # [n_tiles] flits x on-chip links of the partial sums a tile sends
     t_psum_chip: np.ndarray
+    t_psum_pairs: np.ndarray      # [n_tiles] partial sums a tile sends (values it generates)
     p_src_item: np.ndarray
+    p_src_slot: np.ndarray        # the sending tile's compute slot (the numpy twin's view of t_psum_pairs)
     p_dst_item: np.ndarray
     p_pairs: np.ndarray
     p_flits: np.ndarray
@@ -313,8 +324,7 @@ def build_tables(program, arch, binary_events: bool = False) -> CountTables:
     ctrl = arch.c("controller_cycles_per_event")
     npe_cyc = arch.c("npe_cycles_per_instruction")
     evgen_cyc = arch.c("event_queue_access_cycles") if "event_queue_access_cycles" in arch.cycles else 1.0
-    hop_cyc = arch.noc.cycles_per_hop_per_flit + arch.noc.router_latency_cycles
-    chip_cyc = arch.noc.inter_chip_latency_cycles
+    head = _head_latency(arch)
     cyc_flit = arch.noc.cycles_per_hop_per_flit
     ppf, header, max_pairs = arch.noc.pairs_per_flit, arch.noc.header_flits, arch.noc.max_pairs_per_packet
     n_cores = P.n_cores
@@ -339,8 +349,9 @@ def build_tables(program, arch, binary_events: bool = False) -> CountTables:
 
     # slots: (core, phase, stage) whose cycles add up; stage 1 = partial-sum reduction
     S = 2 * n_phases
+    xf_send = np.maximum(xf.phase - 1, 0)  # a dense copy is sent at the end of the phase before its use
     slot_keys = np.unique(np.concatenate([
-        (ew.core * S + 2 * ew.phase), (xf.dst * S + 2 * xf.phase),
+        (ew.core * S + 2 * ew.phase), (xf.dst * S + 2 * xf.phase), (xf.src * S + 2 * xf_send + 1),
         (tl.core * S + 2 * site_phase[tl.site]), (ps.dst * S + 2 * site_phase[ps.site] + 1),
         (rt.src * S + 2 * rt.emit_phase)]).astype(np.int64))
     slot = lambda core, phase, stage=0: np.searchsorted(slot_keys, np.asarray(core) * S + 2 * np.asarray(phase) + stage)  # noqa: E731
@@ -364,9 +375,11 @@ def build_tables(program, arch, binary_events: bool = False) -> CountTables:
     for a in (A_VALUE, A_SREAD, A_SWRITE):
         np.add.at(static[:, a], xd, xf.pairs)
     np.add.at(static_slot, slot(xf.dst, xf.phase), xf.pairs * ctrl)
+    # the sender generates every value it copies, once the value is final: after the phase before
+    np.add.at(static[:, A_EVGEN], item(xf.src, xf.layer), xf.pairs)
+    np.add.at(static_slot, slot(xf.src, xf_send, 1), xf.pairs * evgen_cyc)
     if len(xf):
-        np.maximum.at(static_noc, xf.phase, xf.links * hop_cyc + xf.chip_links * chip_cyc
-                      + np.maximum(xflits - 1, 0) * cyc_flit)
+        np.maximum.at(static_noc, xf.phase, head(xf.links, xf.chip_links) + np.maximum(xflits - 1, 0) * cyc_flit)
     # tiles: accumulators stored and read once per token
     rows = (tl.row1 - tl.row0).astype(np.float64)
     ti = item(tl.core, site_layer[tl.site])
@@ -396,15 +409,17 @@ def build_tables(program, arch, binary_events: bool = False) -> CountTables:
         t_slot=slot(tl.core, site_phase[tl.site]).astype(np.int64), t_cyc=t_cyc.astype(np.float64), t_ptr=t_ptr,
         t_psum_on=np.bincount(p_tile[order], pf * (pl - pc), minlength=len(tl)),
         t_psum_chip=np.bincount(p_tile[order], pf * pc, minlength=len(tl)),
+        t_psum_pairs=np.bincount(p_tile[order], pp, minlength=len(tl)),
+        p_src_slot=slot(tl.core[p_tile[order]], site_phase[tl.site[p_tile[order]]]).astype(np.int64),
         p_src_item=item(ps.src, site_layer[ps.site])[order].astype(np.int64),
         p_dst_item=item(ps.dst, site_layer[ps.site])[order].astype(np.int64),
         p_pairs=pp, p_flits=pf, p_on=pl - pc, p_chip=pc,
         p_slot=slot(ps.dst, site_phase[ps.site], 1)[order].astype(np.int64),
         p_cyc=(pp * ctrl + np.ceil(pp / npe) * 3 * npe_cyc),
-        p_lat=pl * hop_cyc + pc * chip_cyc + np.maximum(pf - 1, 0) * cyc_flit, p_phase=p_phase.astype(np.int64),
+        p_lat=head(pl, pc) + np.maximum(pf - 1, 0) * cyc_flit, p_phase=p_phase.astype(np.int64),
         r_src_item=item(rt.src, site_layer[rt.site]).astype(np.int64),
         r_on=(rt.links - rt.chip_links).astype(np.float64), r_chip=rt.chip_links.astype(np.float64),
-        r_lat0=(rt.max_hops * hop_cyc + rt.max_chip_hops * chip_cyc).astype(np.float64),
+        r_lat0=route_head_latency(P, head),
         r_phase=site_phase[rt.site].astype(np.int64), r_slot=slot(rt.src, rt.emit_phase).astype(np.int64),
         slot_phase=((slot_keys % S) // 2).astype(np.int64), slot_stage=(slot_keys % 2).astype(np.int64),
         core_item=item(np.arange(n_cores), P.cores.layer).astype(np.int64),
@@ -412,6 +427,36 @@ def build_tables(program, arch, binary_events: bool = False) -> CountTables:
         ppf=int(ppf), header=int(header), max_pairs=int(max_pairs), cyc_flit=float(cyc_flit),
         evgen_cyc=float(evgen_cyc), energy=action_energies(arch, fmt.name, binary_events),
     )
+
+
+def _head_latency(arch):
+    """Cycles a message's head takes over ``hops`` router-to-router links, ``crossings`` of them
+    across a chip boundary, from the sending core's injection port to the receiving core's
+    ejection port: ``seneca_sim.network.analytic_latency`` for one flit on the meshes
+    ``mesh_from_arch`` builds (every link and port at ``cycles_per_hop_per_flit``, every router
+    ``router_latency_cycles``, every crossing ``inter_chip_latency_cycles`` more). Each further
+    flit adds ``cycles_per_hop_per_flit``."""
+    c, r = arch.noc.cycles_per_hop_per_flit, arch.noc.router_latency_cycles
+    lat = arch.noc.inter_chip_latency_cycles
+
+    def head(hops, crossings):
+        hops = np.asarray(hops, dtype=np.float64)
+        return (hops + 2) * c + (hops + 1) * r + np.asarray(crossings, dtype=np.float64) * lat
+    return head
+
+
+def route_head_latency(program, head) -> np.ndarray:
+    """Per multicast route, the head latency to its farthest destination (the largest
+    :func:`_head_latency` over the route's destinations, each by its own hops and crossings)."""
+    cores, rt, rd = program.cores, program.routes, program.route_dests
+    cols, rows = int(program.meta["mesh_cols"]), int(program.meta["mesh_rows"])
+    gx, gy = cores.gx.astype(np.int64), cores.gy.astype(np.int64)
+    s, d = rt.src[rd.route].astype(np.int64), rd.core.astype(np.int64)
+    hops = np.abs(gx[d] - gx[s]) + np.abs(gy[d] - gy[s])
+    crossings = np.abs(gx[d] // cols - gx[s] // cols) + np.abs(gy[d] // rows - gy[s] // rows)
+    out = np.zeros(len(rt))
+    np.maximum.at(out, rd.route.astype(np.int64), head(hops, crossings))
+    return out
 
 
 # ------------------------------------------------------------------------------- the masks
@@ -458,6 +503,7 @@ def run_kernels(bits: np.ndarray, tb: CountTables, n_layers: int, n_phases: int,
     tok_item = np.zeros((T, len(tb.item_layer), N_ACTIONS) if keep_items else (0, 0, 0), dtype=np.float64)
     token_actions(ev_t, ev_r, tb.static_slot, tb.static_noc,
                   tb.t_item, tb.t_rows, tb.t_words, tb.t_slot, tb.t_cyc, tb.t_ptr, tb.t_psum_on, tb.t_psum_chip,
+                  tb.t_psum_pairs,
                   tb.p_dst_item, tb.p_pairs, tb.p_slot, tb.p_cyc, tb.p_lat, tb.p_phase,
                   tb.r_src_item, tb.r_on, tb.r_chip, tb.r_lat0, tb.r_phase, tb.r_slot,
                   tb.slot_phase, tb.slot_stage, tb.core_item, tb.item_layer, tb.ppf, tb.header, tb.max_pairs,

@@ -300,3 +300,12 @@ def test_hashable_and_fingerprint(arch, tmp_path):
     assert hash(again) == hash(arch)
     assert again.fingerprint() == arch.fingerprint()
     assert len({arch: 1, again: 2}) == 1
+
+
+def test_the_readmes_assumed_figures_are_the_tomls(arch):
+    from seneca_sim.arch import assumed_markdown
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = assumed_markdown(arch)
+    assert table in readme, "README's assumed-figures table is stale: paste `python -m seneca_sim.arch --assumed`"
+    listed = {line.split("`")[1] for line in table.splitlines()[2:]}
+    assert listed == set(arch.assumed_figures()) and len(listed) == 6

@@ -65,8 +65,17 @@ def test_run_writes_the_table_the_results_and_every_plot(ckpt, tmp_path, capsys)
     this = pts[pts.point == "this run"].iloc[0]
     dense = pts[pts.point == "dense"].iloc[0]
     assert this.eval_sparsity_mac > dense.eval_sparsity_mac
-    # the dense reference of each run is its own program's (placement follows the schedule's sparsity)
-    assert this.energy_uJ < dense.energy_uJ and this.dense_energy_uJ == pytest.approx(dense.energy_uJ, rel=1e-3)
+    # one dense baseline in the folder: every row's, the chip report's and the table's are one number
+    assert this.energy_uJ < dense.energy_uJ
+    assert (pts.dense_energy_uJ == dense.energy_uJ).all() and (pts.dense_latency_us == dense.latency_us).all()
+    chip_dense = json.loads((out / "chip_dense" / "summary.json").read_text())["summary"]
+    assert chip_dense["energy_uJ_per_token"] == dense.energy_uJ and chip_dense["latency_us_per_token"] == dense.latency_us
+    assert f"{dense.energy_uJ:.4g}" in (out / "summary.md").read_text()
+    # the tuned mapping is a labelled second comparison against the same dense run
+    tuned = pts[pts.point == "this run, tuned mapping"].iloc[0]
+    assert tuned.mapping == "tuned to this run" and set(pts.mapping) == {"dense run's", "tuned to this run"}
+    assert tuned.energy_gain == pytest.approx(dense.energy_uJ / tuned.energy_uJ)
+    assert "mapping tuned to this run" in text
     # a rerun with the same inputs reuses every cached point and gives the same table
     assert run.main([str(ckpt), "--algorithm", "uniform", "--sparsity", "0.5", "--out", str(out)] + CURVE + FAST) == 0
     again = pd.read_csv(out / "points.csv")
