@@ -169,7 +169,11 @@ _REQUIRED: dict[str, dict[str, tuple[str, bool, bool]]] = {
 # dimensions allowed for extra (not required) figures of a section
 _EXTRA_DIMS = {"energy": {"energy", "power"}, "cycles": {"time"}}
 _FIGURE_FIELDS = {"value", "unit", "source", "assumed", "rationale", "note"}
-_SECTIONS = ("sources", "chip", "core", "formats", "noc", "energy", "cycles")
+_SECTIONS = ("sources", "chip", "core", "formats", "noc", "energy", "cycles", "shared_memory")
+# [shared_memory] is optional (a chip without one keeps every weight on the cores); its figures:
+_SHARED = {"read_energy_per_bit": ("energy", False, False), "latency_cycles": ("time", False, False),
+           "bandwidth_bits_per_cycle": ("width", False, True), "capacity_bytes": ("size", True, True),
+           "stream_buffer_columns": ("count", True, True)}
 
 
 # ---------------------------------------------------------------------------------------- classes
@@ -284,6 +288,22 @@ class NocSpec:
 
 
 @dataclass(frozen=True)
+class SharedMemorySpec:
+    """A weight store shared by the cores of one chip (one per chip), and what streaming from it costs.
+
+    ``read_energy_per_bit`` (pJ), ``latency_cycles`` (first word of a burst), ``bandwidth_bits_per_cycle``
+    (the chip's one port, shared by its cores), ``capacity_bytes`` (per chip), ``stream_buffer_columns``
+    (weight column slices a streamed tile buffers on its core: 2 = double buffering)."""
+
+    technology: str
+    read_energy_per_bit: float
+    latency_cycles: float
+    bandwidth_bits_per_cycle: float
+    capacity_bytes: int
+    stream_buffer_columns: int
+
+
+@dataclass(frozen=True)
 class Arch:
     """A validated chip description. Figures are in canonical units (see module docstring).
 
@@ -299,6 +319,7 @@ class Arch:
     formats: Mapping[str, NumberFormat]
     sources: Mapping[str, Mapping[str, str]]
     figures: Mapping[str, Figure]
+    shared: SharedMemorySpec | None = None
     origin: str = field(default="<dict>", compare=False)
     _raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -624,6 +645,7 @@ def _build(data: Mapping[str, Any], origin: str) -> Arch:
             if tables["energy"][ref].unit != "pJ":
                 raise _fail(origin, f"formats.{name}.{op}", f"= {ref!r} is not an energy (pJ) figure")
 
+    shared = _shared_memory(data, origin, sources, figures)
     return Arch(
         chip=chip,
         core=core,
@@ -633,9 +655,26 @@ def _build(data: Mapping[str, Any], origin: str) -> Arch:
         formats=MappingProxyType(formats),
         sources=MappingProxyType(sources),
         figures=MappingProxyType(dict(sorted(figures.items()))),
+        shared=shared,
         origin=origin,
         _raw=MappingProxyType(_deep_copy(data)),
     )
+
+
+def _shared_memory(data: Mapping[str, Any], origin: str, sources, figures: dict) -> SharedMemorySpec | None:
+    """The optional [shared_memory] section (None where the file has none)."""
+    if "shared_memory" not in data:
+        return None
+    sec = _section(data, "shared_memory", origin)
+    vals = {}
+    for key, (dim, integer, positive) in _SHARED.items():
+        f = _figure(sec, "shared_memory", key, origin, sources, dim, integer, positive)
+        figures[f"shared_memory.{key}"] = f
+        vals[key] = f.value
+    extra = sorted(k for k in sec if k not in _SHARED and k != "technology")
+    if extra:
+        raise _fail(origin, f"shared_memory.{extra[0]}", f"is not a shared-memory figure; known: {', '.join(_SHARED)}")
+    return SharedMemorySpec(technology=_string(sec, "shared_memory", "technology", origin), **vals)
 
 
 def _deep_copy(obj: Any) -> Any:

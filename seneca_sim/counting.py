@@ -19,6 +19,9 @@ state_read/_write      words: recurrent state, parameters, accumulators (rows pe
 noc_flit_hop           flits x on-chip links of the multicast tree (XY, from Program)   noc_hop_per_flit
 chip_flit_hop          flits x chip-to-chip links                                       inter_chip_per_flit
 leakage                core-cycles: every core leaks for the whole token                leakage_per_core
+shared_read_bit        bits of streamed weights read from the chip's shared memory      shared_memory.
+                       (``seneca_sim.fetch``: by fetch policy)                          read_energy_per_bit
+buffer_write           16-bit words of them written into the core's stream buffer       state_write_word
 =====================  ===============================================================  =================
 
 Flits: a producing core packs the events of one route and one token into packets
@@ -55,9 +58,10 @@ import numpy as np
 from numba import njit
 
 ACTIONS = ("event_ingest", "weight_read", "mac", "psum_ingest", "value_ingest", "neuron_update", "threshold_compare",
-           "event_generate", "state_read", "state_write", "noc_flit_hop", "chip_flit_hop", "leakage")
+           "event_generate", "state_read", "state_write", "noc_flit_hop", "chip_flit_hop", "leakage",
+           "shared_read_bit", "buffer_write")
 (A_INGEST, A_WREAD, A_MAC, A_PSUM, A_VALUE, A_NEURON, A_THRESH, A_EVGEN, A_SREAD, A_SWRITE, A_NOC, A_CHIP,
- A_LEAK) = range(len(ACTIONS))
+ A_LEAK, A_SHARED, A_BUFW) = range(len(ACTIONS))
 N_ACTIONS = len(ACTIONS)
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
@@ -312,6 +316,7 @@ def action_energies(arch, fmt: str, binary_events: bool = False) -> np.ndarray:
         get("threshold_compare", arch.e("neuron_update")), get("event_generate", 0.0),
         arch.e("state_read_word"), arch.e("state_write_word"), arch.e("noc_hop_per_flit"),
         arch.e("inter_chip_per_flit"), arch.leakage_pj_per_cycle,
+        arch.shared.read_energy_per_bit if arch.shared is not None else 0.0, arch.e("state_write_word"),
     ], dtype=np.float64)
 
 
@@ -531,7 +536,7 @@ def run_numpy(bits: np.ndarray, tb: CountTables):
 
 # ------------------------------------------------------------------------------- simulate
 def simulate(program, trace=None, arch=None, *, dense: bool = False, natural=None, binary_events: bool = False,
-             per_core: bool | None = None, chunk: int = 256, n_tokens: int | None = None):
+             per_core: bool | None = None, chunk: int = 256, n_tokens: int | None = None, fetch=None):
     """Count every action of every token of ``trace`` on ``program`` (see module docstring).
 
     ``dense=True`` (or ``trace=None``): every activation is an event (``n_tokens`` tokens, default 1).
@@ -539,8 +544,12 @@ def simulate(program, trace=None, arch=None, *, dense: bool = False, natural=Non
     The dense baseline is always computed (one token: it does not depend on the data).
     ``binary_events``: price synaptic work as accumulates (spikes) instead of MACs.
     ``per_core``: keep token x core detail (default: when it stays under ~20M numbers).
+    ``fetch``: a :class:`seneca_sim.fetch.FetchPlan` for the streamed matrices of the program
+    (default ``demand``; ignored when every weight is on its core). The dense baseline streams
+    every weight every token (``dense``); the natural one fetches on demand.
     """
     from seneca_sim.arch import default_arch
+    from seneca_sim.fetch import FetchPlan, build_fetch_tables
     from seneca_sim.report import Report
 
     arch = default_arch() if arch is None else arch
@@ -555,45 +564,104 @@ def simulate(program, trace=None, arch=None, *, dense: bool = False, natural=Non
         T = int(trace.n_tokens)
     else:
         trace, T = None, int(n_tokens or 1)
-    tb = build_tables(program, arch, binary_events)
-    L1 = int(program.meta["n_layer"]) + 1
-    P = len(program.phases)
-    keep = (T * len(tb.item_layer) * N_ACTIONS <= 20_000_000) if per_core is None else bool(per_core)
-    tok_layer = np.zeros((T, L1, N_ACTIONS))
-    item_tot = np.zeros((len(tb.item_layer), N_ACTIONS))
-    phase_cyc = np.zeros((T, P))
-    tok_item = np.zeros((T, len(tb.item_layer), N_ACTIONS), dtype=np.float32) if keep else None
-    dense_sites: list[str] = []
-    for a in range(0, T, chunk):
-        b = min(T, a + chunk)
-        bits, dense_sites = packed_masks(program, trace, a, b)
-        tl, it, pc, ti = run_kernels(bits, tb, L1, P, keep)
-        tok_layer[a:b], phase_cyc[a:b] = tl, pc
-        item_tot += it
-        if keep:
-            tok_item[a:b] = ti
-    dense_ref = _reference(program, None, tb, L1, P)
-    natural_ref = _reference(program, natural, tb, L1, P) if natural is not None else None
-    return Report.from_counts(program=program, arch=arch, tables=tb, tok_layer=tok_layer, item_tot=item_tot,
-                              phase_cycles=phase_cyc, tok_item=tok_item, dense=dense_ref, natural=natural_ref,
-                              trace_name=getattr(trace, "model", "dense") if trace is not None else "dense",
-                              assumed_dense_sites=dense_sites if trace is not None else [],
-                              binary_events=binary_events)
+    run = _Run(program, build_tables(program, arch, binary_events), build_fetch_tables(program, arch))
+    plan = run.check_plan(fetch or FetchPlan("demand"), trace)
+    keep = (T * len(run.tb.item_layer) * N_ACTIONS <= 20_000_000) if per_core is None else bool(per_core)
+    tok_layer, item_tot, phase_cyc, tok_item, dense_sites = run.count(trace, T, plan, keep, chunk)
+    dense_ref = run.reference(None, FetchPlan("dense"))
+    natural_ref = run.reference(natural, FetchPlan("demand")) if natural is not None else None
+    report = Report.from_counts(program=program, arch=arch, tables=run.tb, tok_layer=tok_layer, item_tot=item_tot,
+                                phase_cycles=phase_cyc, tok_item=tok_item, dense=dense_ref, natural=natural_ref,
+                                trace_name=getattr(trace, "model", "dense") if trace is not None else "dense",
+                                assumed_dense_sites=dense_sites if trace is not None else [],
+                                binary_events=binary_events)
+    report.meta["fetch"] = plan.label if run.ft is not None else "on core"
+    report.meta["streamed"] = list(program.meta.get("streamed", []))
+    return report
 
 
-def _reference(program, trace, tb: CountTables, L1: int, P: int) -> dict:
-    """Per-token means of a baseline run (dense when ``trace`` is None): counts by action, energy, cycles."""
-    T = 1 if trace is None else int(trace.n_tokens)
-    tot = np.zeros(N_ACTIONS)
-    cyc = np.zeros(P)
-    for a in range(0, T, 256):
-        bits, _ = packed_masks(program, trace, a, min(T, a + 256))
-        tl, _, pc, _ = run_kernels(bits, tb, L1, P, False)
-        tot += tl.sum(axis=(0, 1))
-        cyc += pc.sum(axis=0)
-    counts = tot / T
-    return {"counts": counts, "energy_pj": float(counts @ tb.energy), "latency_cycles": float(cyc.sum() / T),
-            "phase_cycles": cyc / T, "n_tokens": T}
+class _Run:
+    """One Program's counting: the kernels over chunks of tokens, then the streamed weights' fetches."""
+
+    def __init__(self, program, tb: CountTables, ft):
+        self.program, self.tb, self.ft = program, tb, ft
+        self.L1 = int(program.meta["n_layer"]) + 1
+        self.P = len(program.phases)
+
+    def check_plan(self, plan, trace):
+        if self.ft is None or plan.policy != "prefetch":
+            return plan
+        streamed = [self.program.site_names[s] for s in np.flatnonzero(np.asarray(self.program.sites.streamed))]
+        missing = [s for s in streamed if s not in plan.predicted.masks]
+        if missing:
+            raise ValueError(f"the prefetch prediction has no site {missing[0]!r}, which the program streams")
+        if trace is not None and int(plan.predicted.n_tokens) != int(trace.n_tokens):
+            raise ValueError(f"the prediction covers {plan.predicted.n_tokens} tokens, the trace {trace.n_tokens}")
+        return plan
+
+    def count(self, trace, T: int, plan, keep: bool, chunk: int):
+        tb, L1, P = self.tb, self.L1, self.P
+        tok_layer = np.zeros((T, L1, N_ACTIONS))
+        item_tot = np.zeros((len(tb.item_layer), N_ACTIONS))
+        phase_cyc = np.zeros((T, P))
+        tok_item = np.zeros((T, len(tb.item_layer), N_ACTIONS), dtype=np.float32) if keep else None
+        dense_sites: list[str] = []
+        free = None
+        for a in range(0, T, chunk):
+            b = min(T, a + chunk)
+            bits, dense_sites = packed_masks(self.program, trace, a, b)
+            tl, it, pc, ti = run_kernels(bits, tb, L1, P, keep)
+            if self.ft is not None:
+                free = self.fetch(plan, bits, a, b, tl, it, pc, ti, free)
+            tok_layer[a:b], phase_cyc[a:b] = tl, pc
+            item_tot += it
+            if keep:
+                tok_item[a:b] = ti
+        return tok_layer, item_tot, phase_cyc, tok_item, dense_sites
+
+    def reference(self, trace, plan) -> dict:
+        """Per-token means of a baseline run (dense when ``trace`` is None): counts by action, energy, cycles."""
+        T = 1 if trace is None else int(trace.n_tokens)
+        tl, _, pc, _, _ = self.count(trace, T, plan, False, 256)
+        counts = tl.sum(axis=(0, 1)) / T
+        return {"counts": counts, "energy_pj": float(counts @ self.tb.energy),
+                "latency_cycles": float(pc.sum() / T), "phase_cycles": pc.sum(axis=0) / T, "n_tokens": T}
+
+    def fetch(self, plan, bits, a: int, b: int, tl, it, pc, ti, free):
+        """Book the fetches of tokens ``a:b`` (energy, cycles, leakage) into the kernels' counts."""
+        from seneca_sim.fetch import fetch_timeline, fetched_columns, per_chip_phase
+        ft, tb = self.ft, self.tb
+        ev_t, _ = count_events(bits, tb)
+        pred_t = miss_t = None
+        if plan.policy == "prefetch":
+            pbits, _ = packed_masks(self.program, plan.predicted, a, b)
+            pred_t, _ = count_events(pbits, tb)
+            miss_t, _ = count_events(np.ascontiguousarray(bits & ~pbits), tb)
+        dem, ahead = fetched_columns(plan, ft, ev_t, pred_t, miss_t)
+        dem, ahead = dem * ft.col_bits, ahead * ft.col_bits
+        items = tb.t_item[ft.tile]
+        _book_columns(tl, it, ti, items, tb.item_layer, A_SHARED, dem + ahead)
+        _book_columns(tl, it, ti, items, tb.item_layer, A_BUFW, (dem + ahead) / ft.word_bits)
+        if plan.predictor_macs:  # priced as MACs with their weight reads, on the first streamed tile's core
+            w = np.full((b - a, 1), float(plan.predictor_macs))
+            for action, per in ((A_MAC, 1.0), (A_WREAD, float(np.mean(tb.t_words)))):
+                _book_columns(tl, it, ti, items[:1], tb.item_layer, action, w * per)
+        extra = np.zeros_like(pc)
+        free = np.zeros(ft.n_chips) if free is None else free
+        free = fetch_timeline(pc, per_chip_phase(dem, ft, self.P), per_chip_phase(ahead, ft, self.P),
+                              ft.latency, ft.bandwidth, free, extra)
+        pc += extra
+        leak = np.repeat(extra.sum(axis=1, keepdims=True), len(tb.core_item), axis=1)  # every core, every cycle
+        _book_columns(tl, it, ti, tb.core_item, tb.item_layer, A_LEAK, leak)
+        return free
+
+
+def _book_columns(tok_layer, item_tot, tok_item, items, item_layer, action: int, values: np.ndarray) -> None:
+    """Add ``values [T, n]`` of ``action`` on ``items [n]`` to the three count arrays."""
+    np.add.at(tok_layer[:, :, action], (slice(None), item_layer[items]), values)
+    np.add.at(item_tot[:, action], items, values.sum(axis=0))
+    if tok_item is not None and tok_item.size:
+        np.add.at(tok_item[:, :, action], (slice(None), items), values)
 
 
 def synthetic_trace(program, n_tokens: int, sparsity: float | dict = 0.6, seed: int = 0, name: str = "synthetic"):
