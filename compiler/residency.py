@@ -88,13 +88,14 @@ def _stream_until_it_fits(job, tilings, capacity: int, chips: int):
         out[s], streamed[s] = streamed_tilings[s], True
         total -= gain[s]
     if total > capacity:
-        worst = max((s for s in range(len(out)) if not streamed[s]), key=lambda s: out[s].n_tiles, default=None)
-        biggest = max(range(len(out)), key=lambda s: out[s].n_tiles)
-        name = job.graph.matvecs[worst if worst is not None else biggest].name
+        held = [s for s in range(len(out)) if not streamed[s]]
+        biggest = max(held or range(len(out)), key=lambda s: out[s].n_tiles)
+        left = (f"the largest matrix left on its cores is {job.graph.matvecs[biggest].name} with "
+                f"{out[biggest].n_tiles} cores" if held else
+                f"every matrix is streamed and still takes at least one core: {len(out)} matrices")
         raise CompileError(f"{job.name} does not fit {chips} chip(s) even with its weights streamed from the shared "
                            f"memory: it needs {total} cores, {chips} x {job.arch.cores_per_chip} = {capacity} are "
-                           f"available ({total - capacity} short; the largest matrix left is {name} with "
-                           f"{out[worst if worst is not None else biggest].n_tiles} cores); allow more chips")
+                           f"available ({total - capacity} short; {left}); allow more chips")
     return out, streamed, int(chips)
 
 

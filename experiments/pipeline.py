@@ -32,6 +32,10 @@ ASSETS = Path(__file__).resolve().parent.parent / "rllm" / "assets"
 CODE_VERSION = 2  # bump when a change of this module (or of the chip model) changes the rows
 LN105 = math.log(1.05)
 
+PREFETCH_POLICIES = ("demand", "dense")
+PREFETCH_PREDICTORS = ("previous", "hot", "lowrank", "oracle")
+PREDICTOR_FIT_TOKENS = 4096  # calibration tokens a predictor is fitted on
+
 KNOB = {"sequential": "tolerance", "paper": "tolerance", "uniform": "sparsity", "teal": "sparsity",
         "cats": "sparsity", "finetune": "sparsity"}
 # The energy-vs-accuracy curve of the default run: every algorithm at a few knob values.
@@ -121,6 +125,9 @@ class Setup:
     tasks: tuple[str, ...] = ()        # extra multiple-choice / cloze jsonl files
     sim_tokens: int = 256              # tokens of the event trace run on the chip
     seed: int = 0
+    chips: int | None = None           # chips to map onto (None: as many as every weight on-core needs)
+    prefetch: str = "demand"           # fetch policy of streamed weights: demand, dense, or a predictor
+    prefetch_budget: float = 1.0       # a predictor's fetch budget (x the site's calibration firing count)
 
     def key(self) -> dict:
         d = dataclasses.asdict(self)
@@ -301,7 +308,7 @@ class Context:
             kw = {"schedule": schedule}
         if key not in self._programs:
             try:
-                self._programs[key] = compile(self.model, self.arch, **kw)
+                self._programs[key] = compile(self.model, self.arch, chips=self.setup.chips, **kw)
             except CompileError as e:
                 raise ExperimentError(str(e).splitlines()[0]) from None
         return self._programs[key]
@@ -327,9 +334,42 @@ class Context:
         from seneca_sim import simulate
         if self._natural is None:  # the same for every schedule
             self._natural = trace(self.model, self.sim_ids, {n: 0.0 for n in self.model.sites}, name=self.name)
-        tr = trace(self.model, self.sim_ids, schedule.thresholds, name=self.name)
         program = self.program(schedule if tuned else None)
-        return simulate(program, tr, self.arch, natural=self._natural), tr
+        predicting = self.setup.prefetch in PREFETCH_PREDICTORS and bool(program.meta.get("streamed"))
+        tr = trace(self.model, self.sim_ids, schedule.thresholds, name=self.name, block_inputs=predicting)
+        fetch = self.fetch_plan(schedule, program, tr)
+        return simulate(program, tr, self.arch, natural=self._natural, fetch=fetch), tr
+
+    def fetch_plan(self, schedule, program, sim_trace):
+        """How the program's streamed weights are fetched: ``setup.prefetch`` is a policy (demand,
+        dense) or a predictor, fitted on a trace of the calibration tokens under ``schedule``."""
+        from rllm.events import trace
+        from rllm.prediction import fit_predictor, predicted_trace
+        from seneca_sim.fetch import FetchPlan
+        kind = self.setup.prefetch
+        if kind not in PREFETCH_PREDICTORS or not program.meta.get("streamed"):
+            return FetchPlan(kind if kind in ("demand", "dense") else "demand")
+        calib = self.calib[:, :-1].reshape(-1)[:PREDICTOR_FIT_TOKENS]
+        fit = fit_predictor(kind, trace(self.model, calib, schedule.thresholds, block_inputs=True))
+        streamed = [s for s in program.meta["streamed"] if s in sim_trace.masks]
+        pred = predicted_trace(fit, sim_trace, self.setup.prefetch_budget, sites=streamed)
+        pred = _with_dense_sites(pred, program, [s for s in program.meta["streamed"] if s not in sim_trace.masks])
+        return FetchPlan("prefetch", pred, kind, predictor_macs=sum(fit.cost(s)["macs"] for s in streamed))
+
+
+def _with_dense_sites(trace, program, sites):
+    """``trace`` with every input of ``sites`` firing (sites the model's trace leaves dense, e.g. the
+    head: all of them are needed, so all are prefetched)."""
+    from rllm.events import EventTrace
+    from seneca_sim.counting import dense_mask_row
+    if not sites:
+        return trace
+    widths = {n: int(w) for n, w in zip(program.site_names, program.sites.in_dim)}
+    masks = dict(trace.masks)
+    masks.update({s: np.repeat(dense_mask_row(widths[s])[None], trace.n_tokens, axis=0) for s in sites})
+    return EventTrace(model=trace.model, sites=trace.sites + tuple(sites),
+                      widths=trace.widths + tuple(widths[s] for s in sites), n_tokens=trace.n_tokens, masks=masks,
+                      thresholds=trace.thresholds)
 
 
 # ------------------------------------------------------------------------------------------
@@ -399,7 +439,8 @@ def run_point(ctx: Context, algorithm: str | None, params: Mapping[str, Any] | N
         row.update({"energy_uJ": r["energy_uJ_per_token"], "latency_us": r["latency_us_per_token"],
                     "dense_energy_uJ": r["dense_energy_uJ_per_token"], "dense_latency_us": r["dense_latency_us_per_token"],
                     "energy_gain": r["energy_gain_vs_dense"], "latency_gain": r["latency_gain_vs_dense"],
-                    "chip_mac_sparsity": r["mac_sparsity"], "cores": r["cores"], "chips": r["chips"]})
+                    "chip_mac_sparsity": r["mac_sparsity"], "cores": r["cores"], "chips": r["chips"],
+                    "fetch": r["fetch"], "streamed_matrices": r["streamed_matrices"]})
     t3 = time.perf_counter()
     timings = {"algorithm": row["algorithm"], "knob_value": row["knob_value"], "calib_cost_s": schedule.cost_s,
                "calib_cached": bool(schedule.extra.get("cache", {}).get("hit")), "calibrate_s": t1 - t0,
@@ -415,6 +456,8 @@ def dense_row(ctx: Context) -> dict:
                                calib_description=ctx.calib_desc, t0=time.perf_counter(), device=dev, model_name=ctx.name)
     row = run_point(ctx, None, None, schedule=sched).row
     row.update(algorithm="dense", knob="", knob_value=0.0)
+    if row.get("streamed_matrices"):
+        row["fetch"] = "dense"  # the dense baseline streams every weight every token
     if "energy_uJ" in row:  # dense = every activation an event; threshold 0 (natural zeros silent) kept beside
         row.update(natural_energy_uJ=row["energy_uJ"], natural_latency_us=row["latency_us"],
                    energy_uJ=row["dense_energy_uJ"], latency_us=row["dense_latency_us"], energy_gain=1.0,

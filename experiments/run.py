@@ -57,6 +57,15 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--cloze-items", type=int, default=DEFAULTS.cloze_items)
     ap.add_argument("--mc-items", type=int, default=DEFAULTS.mc_items, help="items of the shipped mc.jsonl")
     ap.add_argument("--task", action="append", default=[], help="extra lm-eval style jsonl task (repeatable)")
+    ap.add_argument("--chips", type=int, default=None,
+                    help="chips to map onto (default: as many as holding every weight on the cores needs); with "
+                         "fewer, the cheapest matrices are streamed from each chip's shared memory")
+    ap.add_argument("--prefetch", default=DEFAULTS.prefetch, choices=P.PREFETCH_POLICIES + P.PREFETCH_PREDICTORS,
+                    help="how streamed weights are fetched: demand (when an event needs them), dense (all, every "
+                         "token), or prefetched by a predictor fitted on the calibration text (previous, hot, "
+                         "lowrank, oracle)")
+    ap.add_argument("--prefetch-budget", type=float, default=DEFAULTS.prefetch_budget,
+                    help="rows a predictor prefetches, as a multiple of the site's calibration firing count")
     ap.add_argument("--no-curve", action="store_true", help="skip the energy-vs-accuracy curve of all algorithms")
     ap.add_argument("--curve", nargs="+", metavar="ALG:K1,K2",
                     default=[f"{k}:{','.join(map(str, v))}" for k, v in P.DEFAULT_CURVE.items()],
@@ -116,6 +125,9 @@ def summary_table(dense: dict, sparse: dict, setup: P.Setup, tuned: dict | None 
         if key is None:
             out.append((label, f"{sparse.get('cores', 'n/a')} / {sparse.get('chips', 'n/a')}",
                         f"{dense.get('cores', 'n/a')} / {dense.get('chips', 'n/a')}", ""))
+            if sparse.get("streamed_matrices"):
+                out.append(("matrices streamed from shared memory", f"{sparse['streamed_matrices']}, {sparse['fetch']}",
+                            f"{dense['streamed_matrices']}, dense streaming", ""))
             continue
         if key not in sparse and key not in dense:
             continue
@@ -157,7 +169,12 @@ def _main(a) -> int:
     else:
         setup = P.Setup(model=a.model, weights=a.weights, random_weights=a.random_weights, arch=a.arch, device=a.device,
                         calib_tokens=a.calib_tokens, eval_tokens=a.eval_tokens, cloze_items=a.cloze_items,
-                        mc_items=a.mc_items, tasks=tuple(a.task), sim_tokens=a.tokens, seed=a.seed)
+                        mc_items=a.mc_items, tasks=tuple(a.task), sim_tokens=a.tokens, seed=a.seed, chips=a.chips,
+                        prefetch=a.prefetch, prefetch_budget=a.prefetch_budget)
+    if setup.chips is not None and setup.chips < 1:
+        raise P.ExperimentError(f"--chips must be >= 1, got {setup.chips}")
+    if not setup.prefetch_budget > 0:
+        raise P.ExperimentError(f"--prefetch-budget must be > 0, got {setup.prefetch_budget}")
     for name in ("sim_tokens", "eval_tokens", "calib_tokens"):
         if getattr(setup, name) < 1:
             raise P.ExperimentError(f"--{name.replace('_', '-')} must be positive, got {getattr(setup, name)}")
@@ -178,6 +195,8 @@ def _main(a) -> int:
     t_start = time.perf_counter()
 
     ctx = P.Context.load(setup)
+    if ctx.kind == "rwkv":  # a model that does not fit the chip fails here, before any long stage
+        ctx.program()
     torch.manual_seed(setup.seed)
     m = ctx.model
     cfg = m.config

@@ -227,6 +227,56 @@ def test_a_ray_worker_that_dies_fails_its_point_and_the_sweep_goes_on(ckpt, tmp_
     assert len(pd.read_csv(tmp_path / "r" / "sweep.csv")) == 1
 
 
+def small_arch(tmp_path, memory_bytes: int) -> Path:
+    """The shipped chip with 4x4 meshes of small cores: the test model needs more than one."""
+    import copy
+    from seneca_sim.arch import Arch, default_arch
+    raw = copy.deepcopy(default_arch().to_dict())
+    raw["core"]["data_memory_bytes"] = {"value": memory_bytes, "unit": "bytes", "assumed": True, "rationale": "test"}
+    for k in ("mesh_rows", "mesh_cols"):
+        raw["chip"][k] = {"value": 4, "unit": "cores", "assumed": True, "rationale": "test"}
+    return Arch.from_dict(raw, origin="test").save(tmp_path / f"chip{memory_bytes}.toml")
+
+
+def test_run_on_fewer_chips_streams_weights_and_reports_the_fetch_policy(ckpt, tmp_path, capsys):
+    out = tmp_path / "streamed"
+    arch = small_arch(tmp_path, 16384)
+    assert run.main([str(ckpt), "--arch", str(arch), "--chips", "1", "--prefetch", "hot", "--algorithm", "uniform",
+                     "--sparsity", "0.5", "--no-curve", "--out", str(out)] + FAST) == 0
+    text = capsys.readouterr().out
+    assert "matrices streamed from shared memory" in text and "prefetch (hot)" in text
+    pts = pd.read_csv(out / "points.csv").set_index("point")
+    assert pts.loc["this run", "fetch"] == "prefetch (hot)" and pts.loc["dense", "fetch"] == "dense"
+    assert pts.loc["this run", "chips"] == 1 and pts.loc["this run", "streamed_matrices"] >= 1
+
+
+def test_a_model_that_does_not_fit_fails_before_calibrating(ckpt, tmp_path, capsys):
+    arch = small_arch(tmp_path, 4096)
+    code = run.main([str(ckpt), "--arch", str(arch), "--chips", "1", "--out", str(tmp_path / "o")] + FAST)
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "does not fit 1 chip" in captured.err and "calibrating" not in captured.out
+
+
+def test_the_prefetch_study_writes_its_tables_and_plots(ckpt, tmp_path, capsys):
+    from experiments import prefetch
+    out = tmp_path / "pf"
+    arch = small_arch(tmp_path, 16384)
+    assert prefetch.main([str(ckpt), "--arch", str(arch), "--chips", "1", "--tokens", "24", "--calib-tokens", "256",
+                          "--out", str(out), "--quiet"]) == 0
+    for f in ("patterns.csv", "predictors.csv", "predictors_by_kind.csv", "policies.csv", "predictors.png",
+              "policies.png"):
+        assert (out / f).is_file(), f
+    pol = pd.read_csv(out / "policies.csv")
+    streamed = pol[pol.mapping == "streamed"].set_index("policy")
+    assert set(streamed.index) == set(prefetch.POLICIES) and (pol.mapping == "on core").any()
+    assert streamed.loc["oracle", "latency_us"] <= streamed.loc["demand", "latency_us"]
+    assert streamed.loc["dense", "shared_MB_per_token"] >= streamed.loc["demand", "shared_MB_per_token"]
+    kinds = pd.read_csv(out / "predictors_by_kind.csv")
+    assert (kinds[kinds.predictor == "oracle"].f1 == 1.0).all()
+    assert prefetch.main([str(ckpt), "--chips", "0", "--out", str(out)]) == 2
+
+
 def test_decode_with_event_kernels_gives_the_same_tokens(ckpt, capsys):
     from experiments import decode
     assert decode.main([str(ckpt), "--sparsity", "0.5", "--tokens", "16"]) == 0
