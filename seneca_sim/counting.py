@@ -57,12 +57,9 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-ACTIONS = ("event_ingest", "weight_read", "mac", "psum_ingest", "value_ingest", "neuron_update", "threshold_compare",
-           "event_generate", "state_read", "state_write", "noc_flit_hop", "chip_flit_hop", "leakage",
-           "shared_read_bit", "buffer_write")
-(A_INGEST, A_WREAD, A_MAC, A_PSUM, A_VALUE, A_NEURON, A_THRESH, A_EVGEN, A_SREAD, A_SWRITE, A_NOC, A_CHIP,
- A_LEAK, A_SHARED, A_BUFW) = range(len(ACTIONS))
-N_ACTIONS = len(ACTIONS)
+from seneca_sim.actions import (A_BUFW, A_CHIP, A_EVGEN, A_INGEST, A_LEAK, A_MAC, A_NEURON, A_NOC, A_PSUM,  # noqa: F401
+                                A_SHARED, A_SREAD, A_SWRITE, A_THRESH, A_VALUE, A_WREAD, ACTIONS, N_ACTIONS)
+from seneca_sim.report import Report
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
@@ -320,118 +317,155 @@ def action_energies(arch, fmt: str, binary_events: bool = False) -> np.ndarray:
     ], dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class _Figs:
+    """The arch's cycle and packet figures the tables are built from."""
+
+    npe: int
+    ctrl: float
+    npe_cyc: float
+    evgen_cyc: float
+    cyc_flit: float
+    ppf: int
+    header: int
+    max_pairs: int
+
+    @staticmethod
+    def of(arch) -> "_Figs":
+        noc = arch.noc
+        return _Figs(npe=int(arch.core.npe_count), ctrl=arch.c("controller_cycles_per_event"),
+                     npe_cyc=arch.c("npe_cycles_per_instruction"),
+                     evgen_cyc=arch.c("event_queue_access_cycles") if "event_queue_access_cycles" in arch.cycles else 1.0,
+                     cyc_flit=noc.cycles_per_hop_per_flit, ppf=noc.pairs_per_flit, header=noc.header_flits,
+                     max_pairs=noc.max_pairs_per_packet)
+
+    def flits(self, pairs):
+        return flits_for_pairs(pairs, self.ppf, self.header, self.max_pairs)
+
+
+class _Index:
+    """Items, the (core, layer) pairs actions are booked on, and slots, the (core, phase, stage)
+    whose cycles add up (stage 1: partial-sum reduction and sending finished values)."""
+
+    def __init__(self, P):
+        self.L1 = L1 = int(P.meta["n_layer"]) + 1
+        ew, xf, tl, ps, rt, layer = P.elementwise, P.transfers, P.tiles, P.psums, P.routes, P.sites.layer
+        self.ukeys = np.unique(np.concatenate([
+            P.cores.layer + L1 * np.arange(P.n_cores), ew.layer + L1 * ew.core, xf.layer + L1 * xf.src,
+            xf.layer + L1 * xf.dst, layer[tl.site] + L1 * tl.core, layer[ps.site] + L1 * ps.src,
+            layer[ps.site] + L1 * ps.dst, layer[rt.site] + L1 * rt.src]).astype(np.int64))
+        self.S = S = 2 * len(P.phases)
+        self.xf_send = np.maximum(xf.phase - 1, 0)  # a dense copy is sent at the end of the phase before its use
+        phase = P.sites.phase
+        self.slot_keys = np.unique(np.concatenate([
+            (ew.core * S + 2 * ew.phase), (xf.dst * S + 2 * xf.phase), (xf.src * S + 2 * self.xf_send + 1),
+            (tl.core * S + 2 * phase[tl.site]), (ps.dst * S + 2 * phase[ps.site] + 1),
+            (rt.src * S + 2 * rt.emit_phase)]).astype(np.int64))
+
+    def item(self, core, layer) -> np.ndarray:
+        return np.searchsorted(self.ukeys, np.asarray(layer) + self.L1 * np.asarray(core)).astype(np.int64)
+
+    def slot(self, core, phase, stage: int = 0) -> np.ndarray:
+        return np.searchsorted(self.slot_keys, np.asarray(core) * self.S + 2 * np.asarray(phase) + stage).astype(np.int64)
+
+
 def build_tables(program, arch, binary_events: bool = False) -> CountTables:
     """Flatten a Program into the kernels' arrays for chip ``arch`` (energies and cycle figures)."""
-    P = program
-    L1 = int(P.meta["n_layer"]) + 1
-    fmt = arch.fmt(P.meta["weight_format"])
-    npe = int(arch.core.npe_count)
-    ctrl = arch.c("controller_cycles_per_event")
-    npe_cyc = arch.c("npe_cycles_per_instruction")
-    evgen_cyc = arch.c("event_queue_access_cycles") if "event_queue_access_cycles" in arch.cycles else 1.0
+    P, f, ix = program, _Figs.of(arch), _Index(program)
     head = _head_latency(arch)
-    cyc_flit = arch.noc.cycles_per_hop_per_flit
-    ppf, header, max_pairs = arch.noc.pairs_per_flit, arch.noc.header_flits, arch.noc.max_pairs_per_packet
-    n_cores = P.n_cores
-    n_phases = len(P.phases)
-
-    # sites -> bit offsets in the concatenated masks (each site padded to whole bytes)
-    site_bytes = -(-P.sites.in_dim // 8)
+    site_bytes = -(-P.sites.in_dim // 8)  # each site's mask padded to whole bytes in the concatenated masks
     site_off = np.concatenate([[0], np.cumsum(site_bytes)[:-1]]) * 8
-    site_layer = P.sites.layer
-    site_phase = P.sites.phase
-
-    # items: (core, layer) pairs that any action is booked on
-    ew, xf, tl, ps, rt = P.elementwise, P.transfers, P.tiles, P.psums, P.routes
-    keys = np.concatenate([
-        P.cores.layer + L1 * np.arange(n_cores),
-        ew.layer + L1 * ew.core, xf.layer + L1 * xf.src, xf.layer + L1 * xf.dst,
-        site_layer[tl.site] + L1 * tl.core, site_layer[ps.site] + L1 * ps.src, site_layer[ps.site] + L1 * ps.dst,
-        site_layer[rt.site] + L1 * rt.src]).astype(np.int64)
-    ukeys = np.unique(keys)
-    item = lambda core, layer: np.searchsorted(ukeys, np.asarray(layer) + L1 * np.asarray(core))  # noqa: E731
-    n_items = len(ukeys)
-
-    # slots: (core, phase, stage) whose cycles add up; stage 1 = partial-sum reduction
-    S = 2 * n_phases
-    xf_send = np.maximum(xf.phase - 1, 0)  # a dense copy is sent at the end of the phase before its use
-    slot_keys = np.unique(np.concatenate([
-        (ew.core * S + 2 * ew.phase), (xf.dst * S + 2 * xf.phase), (xf.src * S + 2 * xf_send + 1),
-        (tl.core * S + 2 * site_phase[tl.site]), (ps.dst * S + 2 * site_phase[ps.site] + 1),
-        (rt.src * S + 2 * rt.emit_phase)]).astype(np.int64))
-    slot = lambda core, phase, stage=0: np.searchsorted(slot_keys, np.asarray(core) * S + 2 * np.asarray(phase) + stage)  # noqa: E731
-
-    static = np.zeros((n_items, N_ACTIONS))
-    static_slot = np.zeros(len(slot_keys))
-    static_noc = np.zeros(n_phases)
-    # element-wise work
-    ei = item(ew.core, ew.layer)
-    np.add.at(static[:, A_NEURON], ei, ew.ops)
-    np.add.at(static[:, A_THRESH], ei, ew.compares)
-    np.add.at(static[:, A_SREAD], ei, ew.state_reads + ew.param_reads)
-    np.add.at(static[:, A_SWRITE], ei, ew.state_writes)
-    np.add.at(static_slot, slot(ew.core, ew.phase),
-              np.ceil((ew.ops + ew.compares + ew.state_reads + ew.state_writes + ew.param_reads) / npe) * npe_cyc)
-    # dense transfers
-    xflits = flits_for_pairs(xf.pairs, ppf, header, max_pairs)
-    np.add.at(static[:, A_NOC], item(xf.src, xf.layer), xflits * (xf.links - xf.chip_links))
-    np.add.at(static[:, A_CHIP], item(xf.src, xf.layer), xflits * xf.chip_links)
-    xd = item(xf.dst, xf.layer)
-    for a in (A_VALUE, A_SREAD, A_SWRITE):
-        np.add.at(static[:, a], xd, xf.pairs)
-    np.add.at(static_slot, slot(xf.dst, xf.phase), xf.pairs * ctrl)
-    # the sender generates every value it copies, once the value is final: after the phase before
-    np.add.at(static[:, A_EVGEN], item(xf.src, xf.layer), xf.pairs)
-    np.add.at(static_slot, slot(xf.src, xf_send, 1), xf.pairs * evgen_cyc)
-    if len(xf):
-        np.maximum.at(static_noc, xf.phase, head(xf.links, xf.chip_links) + np.maximum(xflits - 1, 0) * cyc_flit)
-    # tiles: accumulators stored and read once per token
-    rows = (tl.row1 - tl.row0).astype(np.float64)
-    ti = item(tl.core, site_layer[tl.site])
-    np.add.at(static[:, A_SREAD], ti, rows)
-    np.add.at(static[:, A_SWRITE], ti, rows)
-    groups = np.ceil(rows / npe)
-    np.add.at(static_slot, slot(tl.core, site_phase[tl.site]), 2 * groups * npe_cyc)
-    words_per_weight = fmt.bits / arch.core.data_word_bits
-    instr = words_per_weight + (1.0 if binary_events else 2.0) / fmt.lanes
-    t_cyc = ctrl + groups * instr * npe_cyc
-    # partial sums, grouped by sending tile
-    tile_of = {(int(c), int(s)): i for i, (c, s) in enumerate(zip(tl.core, tl.site))}
-    p_tile = np.array([tile_of[(int(c), int(s))] for c, s in zip(ps.src, ps.site)], dtype=np.int64)
-    order = np.argsort(p_tile, kind="stable")
-    t_ptr = np.searchsorted(p_tile[order], np.arange(len(tl) + 1)).astype(np.int64)
-    pf = flits_for_pairs(ps.pairs, ppf, header, max_pairs).astype(np.float64)[order]
-    pl = ps.links[order].astype(np.float64)
-    pc = ps.chip_links[order].astype(np.float64)
-    pp = ps.pairs[order].astype(np.float64)
-    p_phase = site_phase[ps.site][order]
+    static, static_slot, static_noc = _static_work(P, ix, f, head)
+    tiles = _tile_arrays(P, ix, f, arch, binary_events, static, static_slot)
+    tl, rt, phase, layer = P.tiles, P.routes, P.sites.phase, P.sites.layer
     return CountTables(
         site_bit_offset=site_off.astype(np.int64), site_bytes=site_bytes.astype(np.int64),
         tile_lo=(site_off[tl.site] + tl.col0).astype(np.int64), tile_hi=(site_off[tl.site] + tl.col1).astype(np.int64),
         route_lo=(site_off[rt.site] + rt.ch0).astype(np.int64), route_hi=(site_off[rt.site] + rt.ch1).astype(np.int64),
-        static_counts=static, static_slot=static_slot, static_noc=static_noc,
-        t_item=ti.astype(np.int64), t_rows=rows, t_words=np.full(len(tl), words_per_weight),
-        t_slot=slot(tl.core, site_phase[tl.site]).astype(np.int64), t_cyc=t_cyc.astype(np.float64), t_ptr=t_ptr,
-        t_psum_on=np.bincount(p_tile[order], pf * (pl - pc), minlength=len(tl)),
-        t_psum_chip=np.bincount(p_tile[order], pf * pc, minlength=len(tl)),
-        t_psum_pairs=np.bincount(p_tile[order], pp, minlength=len(tl)),
-        p_src_slot=slot(tl.core[p_tile[order]], site_phase[tl.site[p_tile[order]]]).astype(np.int64),
-        p_src_item=item(ps.src, site_layer[ps.site])[order].astype(np.int64),
-        p_dst_item=item(ps.dst, site_layer[ps.site])[order].astype(np.int64),
-        p_pairs=pp, p_flits=pf, p_on=pl - pc, p_chip=pc,
-        p_slot=slot(ps.dst, site_phase[ps.site], 1)[order].astype(np.int64),
-        p_cyc=(pp * ctrl + np.ceil(pp / npe) * 3 * npe_cyc),
-        p_lat=head(pl, pc) + np.maximum(pf - 1, 0) * cyc_flit, p_phase=p_phase.astype(np.int64),
-        r_src_item=item(rt.src, site_layer[rt.site]).astype(np.int64),
-        r_on=(rt.links - rt.chip_links).astype(np.float64), r_chip=rt.chip_links.astype(np.float64),
-        r_lat0=route_head_latency(P, head),
-        r_phase=site_phase[rt.site].astype(np.int64), r_slot=slot(rt.src, rt.emit_phase).astype(np.int64),
-        slot_phase=((slot_keys % S) // 2).astype(np.int64), slot_stage=(slot_keys % 2).astype(np.int64),
-        core_item=item(np.arange(n_cores), P.cores.layer).astype(np.int64),
-        item_core=(ukeys // L1).astype(np.int64), item_layer=(ukeys % L1).astype(np.int64),
-        ppf=int(ppf), header=int(header), max_pairs=int(max_pairs), cyc_flit=float(cyc_flit),
-        evgen_cyc=float(evgen_cyc), energy=action_energies(arch, fmt.name, binary_events),
+        static_counts=static, static_slot=static_slot, static_noc=static_noc, **tiles, **_psum_arrays(P, ix, f, head),
+        r_src_item=ix.item(rt.src, layer[rt.site]), r_on=(rt.links - rt.chip_links).astype(np.float64),
+        r_chip=rt.chip_links.astype(np.float64), r_lat0=route_head_latency(P, head),
+        r_phase=phase[rt.site].astype(np.int64), r_slot=ix.slot(rt.src, rt.emit_phase),
+        slot_phase=((ix.slot_keys % ix.S) // 2).astype(np.int64), slot_stage=(ix.slot_keys % 2).astype(np.int64),
+        core_item=ix.item(np.arange(P.n_cores), P.cores.layer),
+        item_core=(ix.ukeys // ix.L1).astype(np.int64), item_layer=(ix.ukeys % ix.L1).astype(np.int64),
+        ppf=int(f.ppf), header=int(f.header), max_pairs=int(f.max_pairs), cyc_flit=float(f.cyc_flit),
+        evgen_cyc=float(f.evgen_cyc), energy=action_energies(arch, arch.fmt(P.meta["weight_format"]).name, binary_events),
     )
+
+
+def _static_work(P, ix: _Index, f: _Figs, head):
+    """Counts and cycles that every token repeats: element-wise work and dense copies."""
+    ew, xf = P.elementwise, P.transfers
+    static = np.zeros((len(ix.ukeys), N_ACTIONS))
+    static_slot = np.zeros(len(ix.slot_keys))
+    static_noc = np.zeros(len(P.phases))
+    ei = ix.item(ew.core, ew.layer)
+    np.add.at(static[:, A_NEURON], ei, ew.ops)
+    np.add.at(static[:, A_THRESH], ei, ew.compares)
+    np.add.at(static[:, A_SREAD], ei, ew.state_reads + ew.param_reads)
+    np.add.at(static[:, A_SWRITE], ei, ew.state_writes)
+    np.add.at(static_slot, ix.slot(ew.core, ew.phase),
+              np.ceil((ew.ops + ew.compares + ew.state_reads + ew.state_writes + ew.param_reads) / f.npe) * f.npe_cyc)
+    xflits = f.flits(xf.pairs)
+    np.add.at(static[:, A_NOC], ix.item(xf.src, xf.layer), xflits * (xf.links - xf.chip_links))
+    np.add.at(static[:, A_CHIP], ix.item(xf.src, xf.layer), xflits * xf.chip_links)
+    xd = ix.item(xf.dst, xf.layer)
+    for a in (A_VALUE, A_SREAD, A_SWRITE):
+        np.add.at(static[:, a], xd, xf.pairs)
+    np.add.at(static_slot, ix.slot(xf.dst, xf.phase), xf.pairs * f.ctrl)
+    # the sender generates every value it copies, once the value is final: after the phase before
+    np.add.at(static[:, A_EVGEN], ix.item(xf.src, xf.layer), xf.pairs)
+    np.add.at(static_slot, ix.slot(xf.src, ix.xf_send, 1), xf.pairs * f.evgen_cyc)
+    if len(xf):
+        np.maximum.at(static_noc, xf.phase, head(xf.links, xf.chip_links) + np.maximum(xflits - 1, 0) * f.cyc_flit)
+    return static, static_slot, static_noc
+
+
+def _tile_arrays(P, ix: _Index, f: _Figs, arch, binary_events: bool, static, static_slot) -> dict:
+    """Per tile: its item, rows, weight words, cycles per event, and its partial sums (grouped by
+    sending tile); accumulators are stored and read once per token (added to the static counts)."""
+    tl, ps, phase, layer = P.tiles, P.psums, P.sites.phase, P.sites.layer
+    fmt = arch.fmt(P.meta["weight_format"])
+    rows = (tl.row1 - tl.row0).astype(np.float64)
+    ti = ix.item(tl.core, layer[tl.site])
+    np.add.at(static[:, A_SREAD], ti, rows)
+    np.add.at(static[:, A_SWRITE], ti, rows)
+    groups = np.ceil(rows / f.npe)
+    np.add.at(static_slot, ix.slot(tl.core, phase[tl.site]), 2 * groups * f.npe_cyc)
+    words_per_weight = fmt.bits / arch.core.data_word_bits
+    instr = words_per_weight + (1.0 if binary_events else 2.0) / fmt.lanes
+    p_tile, order = _psum_tiles(P)
+    pf = f.flits(ps.pairs).astype(np.float64)[order]
+    pl, pc = ps.links[order].astype(np.float64), ps.chip_links[order].astype(np.float64)
+    by_tile = lambda v: np.bincount(p_tile[order], v, minlength=len(tl))  # noqa: E731
+    return dict(t_item=ti, t_rows=rows, t_words=np.full(len(tl), words_per_weight),
+                t_slot=ix.slot(tl.core, phase[tl.site]), t_cyc=(f.ctrl + groups * instr * f.npe_cyc).astype(np.float64),
+                t_ptr=np.searchsorted(p_tile[order], np.arange(len(tl) + 1)).astype(np.int64),
+                t_psum_on=by_tile(pf * (pl - pc)), t_psum_chip=by_tile(pf * pc),
+                t_psum_pairs=by_tile(ps.pairs[order].astype(np.float64)),
+                p_src_slot=ix.slot(tl.core[p_tile[order]], phase[tl.site[p_tile[order]]]))
+
+
+def _psum_tiles(P) -> tuple[np.ndarray, np.ndarray]:
+    """The sending tile of every partial-sum message, and the messages' order grouped by tile."""
+    tl, ps = P.tiles, P.psums
+    tile_of = {(int(c), int(s)): i for i, (c, s) in enumerate(zip(tl.core, tl.site))}
+    p_tile = np.array([tile_of[(int(c), int(s))] for c, s in zip(ps.src, ps.site)], dtype=np.int64)
+    return p_tile, np.argsort(p_tile, kind="stable")
+
+
+def _psum_arrays(P, ix: _Index, f: _Figs, head) -> dict:
+    """Per partial-sum message (grouped by sending tile): items, pairs, flits, links, cycles, latency."""
+    ps, phase, layer = P.psums, P.sites.phase, P.sites.layer
+    _, order = _psum_tiles(P)
+    pf = f.flits(ps.pairs).astype(np.float64)[order]
+    pl, pc = ps.links[order].astype(np.float64), ps.chip_links[order].astype(np.float64)
+    pp = ps.pairs[order].astype(np.float64)
+    return dict(p_src_item=ix.item(ps.src, layer[ps.site])[order], p_dst_item=ix.item(ps.dst, layer[ps.site])[order],
+                p_pairs=pp, p_flits=pf, p_on=pl - pc, p_chip=pc, p_slot=ix.slot(ps.dst, phase[ps.site], 1)[order],
+                p_cyc=(pp * f.ctrl + np.ceil(pp / f.npe) * 3 * f.npe_cyc),
+                p_lat=head(pl, pc) + np.maximum(pf - 1, 0) * f.cyc_flit, p_phase=phase[ps.site][order].astype(np.int64))
 
 
 def _head_latency(arch):
@@ -550,7 +584,6 @@ def simulate(program, trace=None, arch=None, *, dense: bool = False, natural=Non
     """
     from seneca_sim.arch import default_arch
     from seneca_sim.fetch import FetchPlan, build_fetch_tables
-    from seneca_sim.report import Report
 
     arch = default_arch() if arch is None else arch
     if str(program.meta.get("arch_fingerprint")) != arch.fingerprint():

@@ -167,33 +167,48 @@ class SiteImage:
 
 
 def _site_image(P, s: int, W: np.ndarray, fmt: str) -> SiteImage:
-    name = P.site_names[s]
-    R, N = int(P.sites.out_dim[s]), int(P.sites.in_dim[s])
     tl = P.tiles
     ti = np.flatnonzero(tl.site == s)
     core, r0, r1, c0, c1 = (np.asarray(a[ti], dtype=np.int64) for a in (tl.core, tl.row0, tl.row1, tl.col0, tl.col1))
-    rows, cols = r1 - r0, c1 - c0
-    # local memory: each tile's block, column-major so an event reads one contiguous column slice
-    sizes = rows * cols
-    woff = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    weights = np.empty(int(sizes.sum()), dtype=np.float32)
-    for i in range(len(ti)):
-        weights[woff[i]:woff[i] + sizes[i]] = W[r0[i]:r1[i], c0[i]:c1[i]].T.reshape(-1)
-    if fmt != "float32":
-        weights = to_bf16(weights)
-    aoff = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
-
-    # delivery: route r sends channels [ch0, ch1) to its destination cores; there, every tile of
-    # this matrix whose columns include the channel takes the event
-    rt = P.routes
-    ri = np.flatnonzero(rt.site == s)
-    ptr = P.route_dest_ptr()
-    pairs_c: list[np.ndarray] = []
-    pairs_t: list[np.ndarray] = []
+    R, N = int(P.sites.out_dim[s]), int(P.sites.in_dim[s])
+    woff, weights, aoff = _local_memories(W, core, r0, r1, c0, c1, fmt)
     by_core: dict[int, list[int]] = {}
     for i, c in enumerate(core.tolist()):
         by_core.setdefault(c, []).append(i)
-    for r in ri:
+    chan_ptr, chan_tile = _delivery(P, s, N, c0, c1, by_core)
+    red_src, red_dst, unowned, psum_tile, psum_rows = _reduction(P, s, R, r0, r1, aoff, by_core)
+    rt = P.routes
+    ri = np.flatnonzero(rt.site == s)
+    return SiteImage(
+        name=P.site_names[s], out_dim=R, in_dim=N, tile_core=core, tile_rows=r1 - r0, tile_row0=r0, tile_col0=c0,
+        tile_woff=woff, tile_aoff=aoff, weights=weights, n_acc=int((r1 - r0).sum()), chan_ptr=chan_ptr,
+        chan_tile=chan_tile, red_src=red_src, red_dst=red_dst, unowned=unowned,
+        route_src=np.asarray(rt.src[ri], dtype=np.int64), route_ch0=np.asarray(rt.ch0[ri], dtype=np.int64),
+        route_ch1=np.asarray(rt.ch1[ri], dtype=np.int64), psum_tile=psum_tile,
+        psum_dst=np.asarray(P.psums.dst[np.flatnonzero(P.psums.site == s)], dtype=np.int64), psum_pairs=psum_rows)
+
+
+def _local_memories(W, core, r0, r1, c0, c1, fmt: str):
+    """Each tile's block of ``W``, column-major so an event reads one contiguous column slice:
+    (offset of each block, all blocks, offset of each tile's accumulators)."""
+    rows, cols = r1 - r0, c1 - c0
+    sizes = rows * cols
+    woff = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    weights = np.empty(int(sizes.sum()), dtype=np.float32)
+    for i in range(len(core)):
+        weights[woff[i]:woff[i] + sizes[i]] = W[r0[i]:r1[i], c0[i]:c1[i]].T.reshape(-1)
+    if fmt != "float32":
+        weights = to_bf16(weights)
+    return woff, weights, np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+
+
+def _delivery(P, s: int, N: int, c0, c1, by_core) -> tuple[np.ndarray, np.ndarray]:
+    """CSR channel -> tiles: route r sends channels [ch0, ch1) to its destination cores; there,
+    every tile of this matrix whose columns include the channel takes the event."""
+    rt, ptr = P.routes, P.route_dest_ptr()
+    pairs_c: list[np.ndarray] = []
+    pairs_t: list[np.ndarray] = []
+    for r in np.flatnonzero(rt.site == s):
         a, b = int(rt.ch0[r]), int(rt.ch1[r])
         for d in P.route_dests.core[ptr[r]:ptr[r + 1]].tolist():
             for i in by_core.get(int(d), ()):
@@ -204,50 +219,46 @@ def _site_image(P, s: int, W: np.ndarray, fmt: str) -> SiteImage:
     ch = np.concatenate(pairs_c) if pairs_c else np.zeros(0, np.int64)
     tt = np.concatenate(pairs_t) if pairs_t else np.zeros(0, np.int64)
     order = np.lexsort((tt, ch))
-    ch, tt = ch[order], tt[order]
-    chan_ptr = np.searchsorted(ch, np.arange(N + 1)).astype(np.int64)
+    return np.searchsorted(ch[order], np.arange(N + 1)).astype(np.int64), tt[order]
 
-    # reduction: an owner of rows [o0, o1) adds its own tile's accumulators for those rows, then the
-    # partial sums it receives: from each psum message, the sender's rows that this owner owns
+
+def _reduction(P, s: int, R: int, r0, r1, aoff, by_core):
+    """How owners finalize rows: an owner of rows [o0, o1) adds its own tile's accumulators for
+    them, then the partial sums it receives (from each psum message, the sender's rows it owns).
+    Returns (accumulator index, output row) pairs in order, the rows nobody owns, and per message
+    its sending tile (-1: none) and rows."""
     ow = P.owners
-    oi = np.flatnonzero(ow.site == s)
     owned = np.zeros(R, dtype=np.int64)
     red_src: list[np.ndarray] = []
     red_dst: list[np.ndarray] = []
     own_rows: dict[int, list[tuple[int, int]]] = {}
-    for k in oi:
+
+    def add(i, lo, hi):
+        red_src.append(aoff[i] + np.arange(lo - r0[i], hi - r0[i]))
+        red_dst.append(np.arange(lo, hi))
+
+    for k in np.flatnonzero(ow.site == s):
         oc, o0, o1 = int(ow.core[k]), int(ow.row0[k]), int(ow.row1[k])
         owned[o0:o1] += 1
         own_rows.setdefault(oc, []).append((o0, o1))
         for i in by_core.get(oc, ()):
             lo, hi = max(o0, int(r0[i])), min(o1, int(r1[i]))
             if hi > lo:
-                red_src.append(aoff[i] + np.arange(lo - r0[i], hi - r0[i]))
-                red_dst.append(np.arange(lo, hi))
+                add(i, lo, hi)
     ps = P.psums
     pi = np.flatnonzero(ps.site == s)
     psum_tile = np.full(len(pi), -1, dtype=np.int64)
     psum_rows = np.zeros(len(pi), dtype=np.int64)
     for m, k in enumerate(pi):
-        src, dst = int(ps.src[k]), int(ps.dst[k])
-        n = 0
-        for i in by_core.get(src, ()):
+        for i in by_core.get(int(ps.src[k]), ()):
             psum_tile[m] = i
-            for o0, o1 in own_rows.get(dst, ()):
+            for o0, o1 in own_rows.get(int(ps.dst[k]), ()):
                 lo, hi = max(o0, int(r0[i])), min(o1, int(r1[i]))
                 if hi > lo:
-                    red_src.append(aoff[i] + np.arange(lo - r0[i], hi - r0[i]))
-                    red_dst.append(np.arange(lo, hi))
-                    n += hi - lo
-        psum_rows[m] = n
+                    add(i, lo, hi)
+                    psum_rows[m] += hi - lo
     cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)  # noqa: E731
-    return SiteImage(
-        name=name, out_dim=R, in_dim=N, tile_core=core, tile_rows=rows, tile_row0=r0, tile_col0=c0,
-        tile_woff=woff, tile_aoff=aoff, weights=weights, n_acc=int(rows.sum()), chan_ptr=chan_ptr, chan_tile=tt,
-        red_src=cat(red_src), red_dst=cat(red_dst), unowned=np.flatnonzero(owned == 0),
-        route_src=np.asarray(rt.src[ri], dtype=np.int64), route_ch0=np.asarray(rt.ch0[ri], dtype=np.int64),
-        route_ch1=np.asarray(rt.ch1[ri], dtype=np.int64), psum_tile=psum_tile,
-        psum_dst=np.asarray(ps.dst[pi], dtype=np.int64), psum_pairs=psum_rows)
+    return cat(red_src), cat(red_dst), np.flatnonzero(owned == 0), psum_tile, psum_rows
 
 
 # ------------------------------------------------------------------------------- the results

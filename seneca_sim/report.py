@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from seneca_sim.counting import ACTIONS, N_ACTIONS
+from seneca_sim.actions import ACTIONS, N_ACTIONS
 
 
 @dataclass(frozen=True, eq=False)
