@@ -66,16 +66,22 @@ def cli(main, args, resume_hint: str | None = None) -> int:
 # Atomic files
 # ------------------------------------------------------------------------------------------
 
+_TMP_COUNT = iter(range(1 << 62))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place. The file is
+    opened like any other (its mode follows the umask: ``tempfile.mkstemp`` would make it 0600),
+    and named by process and counter, so concurrent writers never share one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_TMP_COUNT)}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -80,6 +80,12 @@ def test_run_writes_the_table_the_results_and_every_plot(ckpt, tmp_path, capsys)
     assert run.main([str(ckpt), "--algorithm", "uniform", "--sparsity", "0.5", "--out", str(out)] + CURVE + FAST) == 0
     again = pd.read_csv(out / "points.csv")
     pd.testing.assert_frame_equal(pts, again)
+    # results are ordinary files: readable by others under the default umask, like any file
+    old = os.umask(0o022)
+    os.umask(old)
+    if old == 0o022:
+        for f in ("points.csv", "summary.md", "config.json", "schedule.json", "chip/summary.json", "sites.csv"):
+            assert (out / f).stat().st_mode & 0o777 == 0o644, f
     # the config replays the run
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["algorithm"] == "uniform" and cfg["knob_value"] == 0.5
