@@ -65,9 +65,13 @@ class Document:
 
 @dataclass(frozen=True)
 class Splits:
+    """Whole works: ``train``; ``calib`` (threshold calibration, checkpoint selection); ``eval`` (the
+    final evaluation); ``dev`` (optional: choosing among methods, never scored by the final evaluation)."""
+
     train: tuple[Document, ...]
     calib: tuple[Document, ...]
     eval: tuple[Document, ...]
+    dev: tuple[Document, ...] = ()
 
 
 # --- fetching ---------------------------------------------------------------------------
