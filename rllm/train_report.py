@@ -33,7 +33,7 @@ on {r['device']} (seed {r['seed']}, {r['steps']} steps of {a['batch']} x {a['ctx
 training, {r['tokens_per_s']:,} tokens/s). Training stopped because {stop}. The checkpoint kept is the one with the
 lowest calibration loss: step {r['best_step']}, where the calibration loss was {best['calib_loss']:.3f} and the loss on a
 fixed training sample of the same size {best.get('train_sample_loss', float('nan')):.3f}; at the last check (step
-{last['step']}) the calibration loss was {last['calib_loss']:.3f}.
+{last['step']}) the calibration loss was {last['calib_loss']:.3f}.{_stages(r)}
 
 Training curve (mean NLL per token, nats; "batches" is the mean over the last 50 training batches):
 
@@ -41,6 +41,13 @@ Training curve (mean NLL per token, nats; "batches" is the mean over the last 50
 |---|---|---|---|
 {rows}
 """
+
+
+def _stages(r: dict) -> str:
+    if not r.get("prepared_in"):
+        return ""
+    return ("\nThe run had two stages: the data, tokenizer, task sets and n-gram baseline were prepared by the same command\n"
+            f"with `--data-only` ({r.get('prepare_wall_time_s')} s), and the training read them with `--from-data`.")
 
 
 def _ppl_section(r: dict) -> str:

@@ -169,3 +169,32 @@ def test_benchmark_times_steps_of_the_configuration(tmp_path, one_thread):
         macs = sum(p.numel() for n, p in RWKV(cfg).named_parameters() if p.ndim == 2 and not n.startswith("emb."))
         assert training_flops_per_token(cfg) == 6 * macs
     assert res["matmul_flops_per_step"] == training_flops_per_token(RWKVConfig(vocab_size=300, n_layer=1, n_embd=32)) * 8 * 32
+
+
+def test_two_stages_give_the_same_files_as_one(text_dir, tmp_path, one_thread):
+    """--data-only then --from-data: the GPU stage reads the prepared files (checked by sha256)."""
+    common = ["--text-dir", str(text_dir), *TINY, "--steps", "4", "--eval-every", "2", "--ngram-orders", "2"]
+    prep = main(["--out", str(tmp_path / "prep"), *common, "--data-only"])
+    assert (tmp_path / "prep" / "train_tokens.npy").is_file() and "train_tokens.npy_sha256" in prep["hashes"]
+    one = main(["--out", str(tmp_path / "one"), *common])
+    two = main(["--out", str(tmp_path / "two"), *common, "--from-data", str(tmp_path / "prep")])
+    for f in ("tokenizer.json", "eval.txt", "cloze.jsonl", "mc.jsonl"):
+        assert (tmp_path / "two" / f).read_bytes() == (tmp_path / "one" / f).read_bytes(), f
+    assert two["tokens"] == one["tokens"] and two["ngram"] == one["ngram"]
+    assert two["loss_history"] == one["loss_history"]  # same data, same seed: the same training on CPU
+    command = next(l for l in (tmp_path / "two" / "README.md").read_text().splitlines() if "python -m rllm.train" in l)
+    assert "--from-data" not in command and "--data-only" not in command  # the one-command equivalent
+    assert not (tmp_path / "two" / "train_tokens.npy").exists()
+
+
+def test_from_data_refuses_other_settings_and_altered_files(text_dir, tmp_path, capsys):
+    common = ["--text-dir", str(text_dir), *TINY, "--steps", "2", "--ngram-orders", "2"]
+    main(["--out", str(tmp_path / "prep"), *common, "--data-only"])
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "o"), *common, "--vocab-size", "320", "--from-data", str(tmp_path / "prep")])
+    assert e.value.code == 2 and "other settings" in capsys.readouterr().err
+    with open(tmp_path / "prep" / "eval.txt", "a") as f:
+        f.write("one more line\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "o"), *common, "--from-data", str(tmp_path / "prep")])
+    assert e.value.code == 2 and "differs from the sha256" in capsys.readouterr().err
