@@ -13,7 +13,10 @@ Two styles:
     has 3+ letters, and it follows a space (lm-eval splits the target off at the last space).
   - Multiple choice: a passage of whole sentences, and 4 choices: the sentence that truly
     follows it, and 3 sentences from elsewhere in the same work (at least ``MIN_DISTANCE``
-    sentences away, of comparable length, each different from the truth). Choices have their
+    sentences away, each different from the truth, and the closest to it in length of 40 random
+    ones: with lengths merely in a range, the distractors ran shorter than the truth, since short
+    sentences are the more common, and a scorer that sums log-probabilities picked them: a 5-gram
+    scored 19.6%, below chance). Choices have their
     whitespace collapsed to single spaces, so a line break can not tell the truth; scored as
     ``context + " " + choice`` (lm-eval's default delimiter).
 
@@ -29,6 +32,7 @@ for cloze, ``{"context", "choices", "label"}`` for multiple choice.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -133,18 +137,24 @@ def _one_line(s: str) -> str:
     return " ".join(s.split())
 
 
-def _distractors(sents: list[str], i: int, true: str, rng, tries: int = 200) -> list[str] | None:
-    """Three sentences of the same work, far from sentence ``i``, of comparable length, all different."""
-    n_true = len(true.split())
-    out: list[str] = []
+def _distractors(sents: list[str], i: int, true: str, rng, pool: int = 40, tries: int = 400) -> list[str] | None:
+    """Three sentences of the same work, far from sentence ``i``, all different: of ``pool`` random
+    candidates, the three closest to the truth in length (characters, within a factor 1.5), so that
+    a choice's length says little about which one is true."""
+    cands: dict[str, float] = {}
     for _ in range(tries):
         k = rng.randrange(len(sents))
         cand = sents[k]
-        if abs(k - i) < MIN_DISTANCE or not (0.5 * n_true <= len(cand.split()) <= 2 * n_true):
+        ratio = math.log(len(cand) / len(true))
+        if abs(k - i) < MIN_DISTANCE or abs(ratio) > math.log(1.5) or _words(cand) == _words(true):
             continue
-        if _words(cand) == _words(true) or any(_words(cand) == _words(c) for c in out):
-            continue
-        out.append(cand)
+        cands.setdefault(cand, abs(ratio))
+        if len(cands) == pool:
+            break
+    out: list[str] = []
+    for cand in sorted(cands, key=lambda c: (cands[c], c)):
+        if not any(_words(cand) == _words(c) for c in out):
+            out.append(cand)
         if len(out) == 3:
             return out
     return None

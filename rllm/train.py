@@ -72,7 +72,7 @@ PRESETS = {
     "rwkv_tiny": {},  # the parser's own defaults are the shipped rwkv_tiny's settings
     "rwkv_pd12": dict(
         name="rwkv_pd12", corpus="pd-english", heldout="passages", heldout_work_chars=60_000,
-        n_layer=12, n_embd=256, vocab_size=12288, ctx=512, batch=32, steps=800, warmup=80, lr=1e-3,
+        n_layer=12, n_embd=256, vocab_size=12288, ctx=512, batch=32, steps=700, warmup=70, lr=1e-3,
         min_lr=1e-4, eval_every=50, patience=4, min_delta=0.002, max_minutes=7.5,
         ngram_orders="3,4,5", cloze_items=500, mc_items=500, dtype="bfloat16",
     ),

@@ -97,6 +97,7 @@ def test_mc_truth_follows_the_context_and_distractors_come_from_the_same_work(wo
             assert "\n" not in choice
             if k != it["label"]:
                 assert choice != truth and choice in sents[it["work"]]
+                assert 1 / 1.5 <= len(choice) / len(truth) <= 1.5  # length is no cue
                 assert any(abs(j - i) >= MIN_DISTANCE for j, s in enumerate(sents[it["work"]]) if s == choice)
         labels.add(it["label"])
     assert labels == {0, 1, 2, 3}
