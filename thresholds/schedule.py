@@ -239,12 +239,12 @@ class Schedule:
         """Read and validate a schedule (against ``model`` if given). Any problem -> :class:`ScheduleError`."""
         path = Path(path)
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as e:
             raise ScheduleError(f"{path}: cannot read the schedule ({e.strerror or e}); check the path") from None
         try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            d = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ScheduleError(f"{path}: not JSON ({e}); it is not a schedule written by thresholds.calibrate") from None
         return cls.from_dict(d, source=str(path), model=model, check_weights=check_weights)
 
