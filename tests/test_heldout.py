@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from rllm.corpus import Document
+from rllm.training.corpus import Document
 from rllm.evaluate import ClozeItem, load_task
-from rllm.heldout import (MIN_DISTANCE, STOP_WORDS, hellaswag_mc, lambada_cloze, sentence_spans, write_jsonl)
+from rllm.training.heldout import (MIN_DISTANCE, STOP_WORDS, hellaswag_mc, lambada_cloze, sentence_spans, write_jsonl)
 from rllm.tokenizer import train_tokenizer
 
 NAMES = "Anna Boris Clara Dmitri Elena Felix Greta Hugo".split()

@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from rllm.ngram import log_probs, next_token_probs, perplexity, train_ngram
+from rllm.training.ngram import log_probs, next_token_probs, perplexity, train_ngram
 
 
 def markov_stream(n, V=50, seed=0):

@@ -9,10 +9,10 @@ import zlib
 import numpy as np
 import pytest
 
-from rllm import fetch as fetch_mod
-from rllm import pd_english as pd
-from rllm.corpus import CorpusError, Document
-from rllm.fetch import Pinned, fetch, read_deb_member
+from rllm.training import fetch as fetch_mod
+from rllm.training import pd_english as pd
+from rllm.training.corpus import CorpusError, Document
+from rllm.training.fetch import Pinned, fetch, read_deb_member
 
 
 def tar_bytes(files: dict, mode: str) -> bytes:

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from rllm.model import RWKV, RWKVConfig
 from rllm.tokenizer import load_tokenizer
-from rllm.train import main
+from rllm.training.recipe import main
 
 WORDS = ("gentle night morrow sorrow crown heaven tears honour sweet fortune blood brother "
          "kingdom father mother sword queen spirit shadow summer winter flower").split()
@@ -71,7 +71,7 @@ def test_smoke_run_writes_all_assets(text_dir, tmp_path, one_thread):
 
     # the saved weights are the ones evaluated: re-evaluate eval.txt with them
     ids = torch.tensor([0] + tok.encode((out / "eval.txt").read_text(), add_special_tokens=False).ids)
-    from rllm.train import model_nll
+    from rllm.training.recipe import model_nll
     total, count = model_nll(model.eval(), ids, 32)
     assert abs(torch.tensor(total / count).exp().item() - report["eval"]["eval_ppl"]) < 1e-2 * report["eval"]["eval_ppl"]
 
@@ -96,11 +96,11 @@ TINY = ["--device", "cpu", "--n-layer", "1", "--n-embd", "32", "--ctx", "32", "-
 def test_the_shipped_rwkv_tiny_command_still_gives_its_recorded_settings():
     from pathlib import Path
 
-    from rllm.train import parse_args
+    from rllm.training.recipe import parse_args
     asset = Path(__file__).resolve().parents[1] / "rllm" / "assets" / "rwkv_tiny"
     recorded = json.loads((asset / "train_report.json").read_text())["args"]
     command = next(line.strip() for line in (asset / "README.md").read_text().splitlines()
-                   if line.strip().startswith("python -m rllm.train"))
+                   if line.strip().startswith("python -m rllm.training"))
     args = vars(parse_args(command.split()[3:]))
     assert args["corpus"] == "shakespeare" and args["heldout"] == "lines" and args["patience"] is None
     assert {k: args[k] for k in recorded if k not in ("out", "no_progress")} == \
@@ -108,7 +108,7 @@ def test_the_shipped_rwkv_tiny_command_still_gives_its_recorded_settings():
 
 
 def test_a_preset_sets_the_defaults_and_flags_override_it():
-    from rllm.train import PRESETS, parse_args, reproduce_command
+    from rllm.training.recipe import PRESETS, parse_args, reproduce_command
     a = parse_args(["--out", "x", "--preset", "rwkv_pd12"])
     assert (a.n_layer, a.n_embd, a.vocab_size, a.corpus, a.dtype) == (12, 256, 12288, "pd-english", "bfloat16")
     assert 8192 <= a.vocab_size <= 16384 and a.n_layer >= 12 and a.n_embd >= 256
@@ -161,7 +161,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_benchmark_times_steps_of_the_configuration(tmp_path, one_thread):
-    from rllm.train import training_flops_per_token
+    from rllm.training.recipe import training_flops_per_token
     res = main(["--out", str(tmp_path / "o"), *TINY, "--benchmark-steps", "2"])
     assert res["s_per_step"] > 0 and res["params"] > 0
     for cfg in (RWKVConfig(vocab_size=300, n_layer=1, n_embd=32), RWKVConfig(vocab_size=12288, n_layer=12, n_embd=256)):
@@ -182,7 +182,7 @@ def test_two_stages_give_the_same_files_as_one(text_dir, tmp_path, one_thread):
         assert (tmp_path / "two" / f).read_bytes() == (tmp_path / "one" / f).read_bytes(), f
     assert two["tokens"] == one["tokens"] and two["ngram"] == one["ngram"]
     assert two["loss_history"] == one["loss_history"]  # same data, same seed: the same training on CPU
-    command = next(l for l in (tmp_path / "two" / "README.md").read_text().splitlines() if "python -m rllm.train" in l)
+    command = next(l for l in (tmp_path / "two" / "README.md").read_text().splitlines() if "python -m rllm.training" in l)
     assert "--from-data" not in command and "--data-only" not in command  # the one-command equivalent
     assert not (tmp_path / "two" / "train_tokens.npy").exists()
 
@@ -203,10 +203,10 @@ def test_from_data_refuses_other_settings_and_altered_files(text_dir, tmp_path, 
 def test_the_ngram_baseline_scores_the_task_files(tmp_path):
     """On a text the n-gram has memorized, a cloze item with the memorized last word is right and one
     with another word wrong; the memorized continuation wins the multiple choice."""
-    from rllm import ngram
-    from rllm.heldout import write_jsonl
+    from rllm.training import ngram
+    from rllm.training.heldout import write_jsonl
     from rllm.tokenizer import encode_documents, train_tokenizer
-    from rllm.train import ngram_task_scores
+    from rllm.training.recipe import ngram_task_scores
     text = "the quick brown fox jumps over the lazy dog. " * 50
     tok = train_tokenizer([text], 300)
     lm = ngram.train_ngram(encode_documents(tok, [text]), tok.get_vocab_size(), 4)

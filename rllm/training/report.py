@@ -25,7 +25,7 @@ def _model_section(r: dict, command: str) -> str:
     rows = "\n".join(f"| {ch['step']} | {ch['train_loss']:.3f} | {ch.get('train_sample_loss', float('nan')):.3f} | "
                      f"{ch['calib_loss']:.3f} |" for ch in r["checks"])
     return f"""An RWKV-4 language model ({c['n_layer']} layers, width {c['n_embd']}, {r['params'] / 1e6:.2f} M parameters,
-vocabulary {r['vocab_size']}, weights stored as {r['model_dtype']}) trained by `rllm/train.py`:
+vocabulary {r['vocab_size']}, weights stored as {r['model_dtype']}) trained by `rllm/training/recipe.py`:
 
     {command}
 

