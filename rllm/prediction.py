@@ -14,7 +14,8 @@ event traces (:func:`rllm.events.trace`), per site:
     (PowerInfer's hot/cold neurons);
   - ``lowrank``: a rank-``r`` linear map from the block's normalized input to one score per
     input of the site (Deja Vu's low-rank predictor in shape), fitted in closed form by
-    reduced-rank ridge regression; its own cost (MACs and weights per site) is :meth:`cost`;
+    reduced-rank ridge regression (on the input's leading principal directions); its own cost
+    (MACs and weights per site) is :meth:`cost`;
   - ``oracle`` (the true set, at any budget) and ``none`` (nothing), the two ends every policy
     is checked against.
 
@@ -87,13 +88,15 @@ class Predictor:
     """Scores every input of every site at every token; ``fit`` sees calibration traces only.
 
     ``kind``: one of :data:`PREDICTORS`. ``rank``/``ridge``: the low-rank predictor's size and
-    regularization. After :meth:`fit`: ``freq[site]`` (calibration firing rate per input),
+    regularization; it is fitted in the span of the block input's ``input_dims`` leading principal
+    directions (all of them when the input is no wider), which keeps wide models' fits cheap. After :meth:`fit`: ``freq[site]`` (calibration firing rate per input),
     ``density[site]`` (mean of it) and, for ``lowrank``, ``maps[site] = (W1 [C, r], W2 [r, W], b [W])``.
     """
 
     kind: str
     rank: int = 16
     ridge: float = 1.0
+    input_dims: int = 256          # the block input's principal directions the low-rank map reads
     freq: dict[str, np.ndarray] = field(default_factory=dict)
     density: dict[str, float] = field(default_factory=dict)
     maps: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
@@ -109,12 +112,16 @@ class Predictor:
         ``lowrank``, the maps; needs ``trace.inputs`` (``trace(..., block_inputs=True)``)."""
         if self.kind == "lowrank" and trace.inputs is None:
             raise ValueError("the lowrank predictor needs the blocks' inputs: trace(..., block_inputs=True)")
+        bases: dict[str, np.ndarray | None] = {}
         for site in trace.sites:
             m = trace.mask(site)
             self.freq[site] = m.mean(axis=0).astype(np.float32)
             self.density[site] = float(m.mean())
             if self.kind == "lowrank":
-                self.maps[site] = _reduced_rank_fit(trace.inputs[block_of(site)], m, self.rank, self.ridge)
+                X = trace.inputs[block_of(site)]
+                if block_of(site) not in bases:  # one basis per block input, shared by its sites
+                    bases[block_of(site)] = _input_basis(X, self.input_dims)
+                self.maps[site] = _reduced_rank_fit(X, m, self.rank, self.ridge, bases[block_of(site)])
         return self
 
     def scores(self, trace: EventTrace, site: str) -> np.ndarray:
@@ -165,24 +172,35 @@ class Predictor:
         return {"macs": int(W1.size + W2.size), "params": int(W1.size + W2.size + b.size)}
 
 
-def _reduced_rank_fit(X: np.ndarray, Y: np.ndarray, rank: int, ridge: float):
-    """Rank-``rank`` ridge regression of the 0/1 targets ``Y [N, W]`` on ``X [N, C]``: the ridge
-    solution projected onto the top right singular directions of its fitted values (the
-    least-squares optimal rank-r fit), returned as factors ``W1 [C, r]``, ``W2 [r, W]`` and bias.
-    (torch's linear algebra: MKL, reproducible on any thread count.)"""
+def _reduced_rank_fit(X: np.ndarray, Y: np.ndarray, rank: int, ridge: float, basis: np.ndarray | None = None):
+    """Rank-``rank`` ridge regression of the 0/1 targets ``Y [N, W]`` on ``X [N, C]``, in the span of
+    ``basis [C, k]`` (the block input's leading principal directions, :func:`_input_basis`): the
+    ridge solution projected onto the top right singular directions of its fitted values (the
+    least-squares optimal rank-r fit there), returned as factors ``W1 [C, r]``, ``W2 [r, W]`` and a
+    bias. (torch's linear algebra: MKL, reproducible on any thread count.)"""
     X = torch.as_tensor(X, dtype=torch.float64)
     Y = torch.as_tensor(Y, dtype=torch.float64)
     xm, ym = X.mean(dim=0), Y.mean(dim=0)
-    Xc, Yc = X - xm, Y - ym
-    C = X.shape[1]
-    B = torch.linalg.solve(Xc.T @ Xc + ridge * torch.eye(C, dtype=X.dtype), Xc.T @ Yc)  # [C, W]
+    V = torch.eye(X.shape[1], dtype=X.dtype) if basis is None else torch.as_tensor(basis, dtype=X.dtype)
+    Z, Yc = (X - xm) @ V, Y - ym                                   # [N, k]
+    k = Z.shape[1]
+    B = torch.linalg.solve(Z.T @ Z + ridge * torch.eye(k, dtype=X.dtype), Z.T @ Yc)  # [k, W]
     r = min(rank, min(B.shape))
-    # the fitted values Xc B = Q (R B) share their right singular vectors with the small R B
-    R = torch.linalg.qr(Xc, mode="r")[1]
-    V = torch.linalg.svd(R @ B, full_matrices=False)[2][:r].T      # [W, r]
-    W1, W2 = B @ V, V.T
+    # the fitted values Z B = Q (R B) share their right singular vectors with the small R B
+    R = torch.linalg.qr(Z, mode="r")[1]
+    Vr = torch.linalg.svd(R @ B, full_matrices=False)[2][:r].T     # [W, r]
+    W1, W2 = V @ (B @ Vr), Vr.T
     bias = ym - (xm @ W1) @ W2
     return tuple(t.float().numpy() for t in (W1, W2, bias))
+
+
+def _input_basis(X: np.ndarray, k: int) -> np.ndarray | None:
+    """The ``k`` leading principal directions of ``X [N, C]`` (None when ``k >= C``: all of them)."""
+    if k >= X.shape[1]:
+        return None
+    Xc = torch.as_tensor(X, dtype=torch.float64)
+    Xc = Xc - Xc.mean(dim=0)
+    return torch.linalg.svd(Xc, full_matrices=False)[2][:k].T.numpy()
 
 
 def fit_predictor(kind: str, trace: EventTrace, **kw) -> Predictor:
