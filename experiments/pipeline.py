@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 ASSETS = Path(__file__).resolve().parent.parent / "rllm" / "assets"
-CODE_VERSION = 1  # bump when a change of this module changes the rows
+CODE_VERSION = 2  # bump when a change of this module (or of an algorithm: 2 = issue 20's paper/TEAL/CATS) changes the rows
 LN105 = math.log(1.05)
 
 KNOB = {"sequential": "tolerance", "paper": "tolerance", "uniform": "sparsity", "teal": "sparsity",
@@ -249,8 +249,8 @@ class Context:
         extra = {}
         if algorithm == "teal":
             if self._teal is None:
-                self._teal = teal_trajectory(self.model, self.calib, greedy_tokens=512, device=self.setup.device,
-                                             progress=progress)
+                # TEAL's own settings, on the same calibration tokens as every other algorithm
+                self._teal = teal_trajectory(self.model, self.calib, device=self.setup.device, progress=progress)
             extra["trajectory"] = self._teal
         try:
             return calibrate(self.model, self.calib, algorithm, model_name=self.name, calib_description=self.calib_desc,
