@@ -40,7 +40,7 @@ from thresholds.sequential import resolve_settings as _sequential_settings, sequ
 from thresholds._core import as_calib_tokens, tokens_sha256
 from thresholds.schedule import Schedule, ScheduleCache, ScheduleError, cache_key, model_fingerprint
 
-__all__ = ["calibrate", "match_sparsity", "ALGORITHMS", "resolve_params", "load_calib_tokens", "main", "format_table"]
+__all__ = ["calibrate", "match_sparsity", "schedule_key", "ALGORITHMS", "resolve_params", "load_calib_tokens", "main", "format_table"]
 
 
 ALGORITHMS: dict[str, Callable[..., Schedule]] = {
@@ -110,6 +110,12 @@ def _key_params(resolved: dict) -> dict:
     return out
 
 
+def schedule_key(model, tokens: torch.Tensor, algorithm: str, resolved: dict) -> str:
+    """The cache key of ``algorithm`` with ``resolved`` parameters (:func:`resolve_params`) on these
+    weights and calibration tokens (``[N, T]``)."""
+    return cache_key(model_fingerprint(model), algorithm, _key_params(resolved), tokens_sha256(tokens))
+
+
 def calibrate(model, calib_tokens, algorithm: str = "sequential", *, cache: bool | str | os.PathLike | ScheduleCache = True,
               model_name: str | None = None, calib_description: str = "", device=None, progress: bool = True,
               **params) -> Schedule:
@@ -128,7 +134,7 @@ def calibrate(model, calib_tokens, algorithm: str = "sequential", *, cache: bool
     key = None
     if store is not None:
         t0 = time.perf_counter()
-        key = cache_key(model_fingerprint(model), algorithm, _key_params(resolved), tokens_sha256(tokens))
+        key = schedule_key(model, tokens, algorithm, resolved)
         hit = store.get(key, algorithm, model=model)
         if hit is not None:
             return hit.replace(extra={**dict(hit.extra), "cache": {"hit": True, "key": key, "path": str(store.path(key, algorithm)),

@@ -27,36 +27,32 @@ The rules:
       rises steeply stops early and leaves its budget to later sites, a cheap one goes far. The
       rate adapts as the calibration proceeds (budget left unspent raises ``lambda`` for the
       sites after), and the whole schedule stays within ``dense_loss * (1 + tolerance)``.
-      Candidates are scanned in order (``search="scan"``). With the KL objective and the
-      uniform start below, on ``rwkv_tiny`` it beats uniform, TEAL- and CATS-style thresholds
-      clearly at 63% sparsity; on all of ``eval.txt`` (101k tokens) it ties uniform at 40%
-      (held-out log-perplexity difference -0.1e-3 +- 0.4e-3) and beats it at 50% (-3.5e-3 +- 1.0e-3)
-      and CATS-style at both (``experiments/compare_thresholds.py``; the first 8,192 tokens alone
-      are too few to tell these apart).
+      Candidates are scanned in order (``search="scan"``).
     * ``"share"``: every site may raise the loss up to its cumulative budget share (below): the
-      simplest reading of "as far as the loss allows", and the one the authors' procedure follows
-      with its per-acceptance tolerance. It over-spends on sites whose loss curve is steep.
+      simplest reading of "as far as the loss allows". It over-spends on sites whose loss curve is
+      steep.
 
     Where the scan starts (``floor``, with ``rule="slope"``): ``"auto"`` (default) first puts
     every site at one uniform quantile level, the highest whose loss uses ``floor_share`` (half)
     of the budget, and the scan then raises each site from there: the cheap, evenly spread
     silencing that uniform thresholds get right comes first, and the budget left goes where it
-    buys the most. A level in ``[0, 1)`` fixes the start; ``0`` starts from dense. On
-    ``rwkv_tiny`` it lowered the held-out cost at ~55% sparsity from +1.69% to +1.46%
-    (``experiments/results/sequential_variants_floor/``).
+    buys the most. A level in ``[0, 1)`` fixes the start; ``0`` starts from dense.
 
     What the loss is (``objective``):
 
-    * ``"kl"`` (default of ``budget``): the dense model's calibration NLL plus the KL divergence
-      of the thresholded model's next-token distribution from the dense model's, per token. It
-      has the scale of the NLL (its expectation over the data is the NLL increase of a
-      well-calibrated model) but no noise from which token happened to come next, so the many
-      comparisons of the scan select far less noise: on ``rwkv_tiny`` the held-out perplexity
-      increase at ~55% sparsity fell from +6.4% (``nll``) to +2.8%
-      (``experiments/results/sequential_variants/``);
+    * ``"kl"`` (default): the dense model's calibration NLL plus the KL divergence of the
+      thresholded model's next-token distribution from the dense model's, per token. It has the
+      scale of the NLL (its expectation over the data is the NLL increase of a well-calibrated
+      model) but no noise from which token happened to come next, so the many comparisons of the
+      scan select less noise;
     * ``"nll"`` (the authors'): the calibration cross entropy of the targets.
 
-Both: ``tolerance <= 0`` returns all-zero thresholds (no candidate may raise the loss, and a
+The defaults (``kl``, ``slope`` with ``kappa=8``, the ``auto`` floor) are the ones the
+development split kept (``experiments/sequential_variants.py``: calibration on the start of
+``calib.txt``, scores on its last 32,768 tokens, never on ``eval.txt``; README, "Threshold
+algorithms at matched sparsity").
+
+``tolerance <= 0`` returns all-zero thresholds (no candidate may raise the loss, and a
 candidate that lowers it on the calibration set is noise, not a reason to threshold).
 
 Cost: the residual stream at the input of the segment (half block) being calibrated is cached,
