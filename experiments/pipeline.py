@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 ASSETS = Path(__file__).resolve().parent.parent / "rllm" / "assets"
-CODE_VERSION = 2  # bump when a change of this module (or of the chip model) changes the rows
+CODE_VERSION = 3  # bump when a change of this module, the chip model or an algorithm changes the rows
 LN105 = math.log(1.05)
 
 PREFETCH_POLICIES = ("demand", "dense")
@@ -39,7 +39,8 @@ PREDICTOR_FIT_TOKENS = 4096  # calibration tokens a predictor is fitted on
 KNOB = {"sequential": "tolerance", "paper": "tolerance", "uniform": "sparsity", "teal": "sparsity",
         "cats": "sparsity", "finetune": "sparsity"}
 # The energy-vs-accuracy curve of the default run: every algorithm at a few knob values.
-DEFAULT_CURVE = {"sequential": (0.006,), "uniform": (0.4, 0.55, 0.7), "cats": (0.4, 0.55, 0.7),
+# CATS thresholds only the FFN's inner activation (ffn.value), which alone cannot reach 40% MAC-weighted.
+DEFAULT_CURVE = {"sequential": (0.006,), "uniform": (0.4, 0.55, 0.7), "cats": (0.1, 0.2, 0.3),
                  "teal": (0.4, 0.55, 0.7)}
 
 
@@ -142,8 +143,11 @@ class Setup:
 
 
 def point_key(setup: Setup, algorithm: str, params: Mapping[str, Any], arch_fp: str) -> str:
-    blob = json.dumps({"v": CODE_VERSION, "setup": setup.key(), "alg": algorithm, "params": dict(params),
-                       "arch": arch_fp}, sort_keys=True, default=str)
+    """What a point's row depends on: the setup, the algorithm and its parameters, the chip, this
+    module's version and the algorithms' source (a changed algorithm never serves a stale row)."""
+    from thresholds.schedule import code_digest
+    blob = json.dumps({"v": CODE_VERSION, "algorithms": code_digest(), "setup": setup.key(), "alg": algorithm,
+                       "params": dict(params), "arch": arch_fp}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -262,8 +266,8 @@ class Context:
         extra = {}
         if algorithm == "teal":
             if self._teal is None:
-                self._teal = teal_trajectory(self.model, self.calib, greedy_tokens=512, device=self.setup.device,
-                                             progress=progress)
+                # TEAL's own settings, on the same calibration tokens as every other algorithm
+                self._teal = teal_trajectory(self.model, self.calib, device=self.setup.device, progress=progress)
             extra["trajectory"] = self._teal
         try:
             return calibrate(self.model, self.calib, algorithm, model_name=self.name, calib_description=self.calib_desc,
