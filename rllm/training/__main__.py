@@ -1,7 +1,5 @@
 """``python -m rllm.training``: the seeded training recipe (:mod:`rllm.training.recipe`)."""
-import sys
-
 from rllm.training.recipe import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()  # returns the run's report; bad input exits 2 inside
