@@ -1,6 +1,6 @@
 """The model zoo: known models by name, their published configs, and where their weights are found.
 
-Names: ``rwkv_tiny`` (the project's own model, shipped in ``rllm/assets/rwkv_tiny/``),
+Names: ``rwkv_pd12`` and ``rwkv_tiny`` (the project's own models, shipped in ``rllm/assets/<name>/``),
 ``rwkv_169m``, ``rwkv_430m``, ``rwkv_1b5`` (the RWKV-4 Pile models), ``opt_125m``, ``opt_350m``,
 ``opt_1.3b`` (OPT through transformers). Hugging Face repo ids (``RWKV/rwkv-4-430m-pile``,
 ``BlinkDL/rwkv-4-pile-430m``, ``facebook/opt-125m``) are accepted as aliases.
@@ -12,7 +12,7 @@ out broken is an error, never silently skipped):
 2. ``$EVENT_RWKV_MODELS/<name>/`` (a directory in any supported format: our checkpoint, an HF
    model directory, or a directory holding one BlinkDL ``.pth``), or ``$EVENT_RWKV_MODELS/<name>.pth``
    / ``<name>.safetensors``. ``EVENT_RWKV_MODELS`` may list several directories (``os.pathsep``).
-3. The shipped files in ``rllm/assets/<name>/`` (``rwkv_tiny`` only).
+3. The shipped files in ``rllm/assets/<name>/`` (``rwkv_pd12`` and ``rwkv_tiny`` only).
 4. The local Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
    ``~/.cache/huggingface/hub``): first the HF-format repo (``RWKV/rwkv-4-430m-pile``:
    ``config.json`` + safetensors/``pytorch_model.bin`` + ``tokenizer.json``), then the BlinkDL
@@ -86,8 +86,10 @@ def _opt(name, size, L, C, F):
 
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in (
-    ZooEntry(name="rwkv_tiny", kind="rwkv", description="the project's own small RWKV-4, shipped in the repository",
-             shipped="rwkv_tiny"),
+    ZooEntry(name="rwkv_pd12", kind="rwkv", description="the project's own 12-layer RWKV-4 on public-domain English, "
+             "shipped in the repository", shipped="rwkv_pd12"),
+    ZooEntry(name="rwkv_tiny", kind="rwkv", description="the project's own small 4-layer RWKV-4 on Shakespeare, "
+             "shipped in the repository", shipped="rwkv_tiny"),
     _rwkv("rwkv_169m", "169M", 12, 768, "RWKV-4-Pile-169M-20220807-8023.pth"),
     _rwkv("rwkv_430m", "430M", 24, 1024, "RWKV-4-Pile-430M-20220808-8066.pth"),
     _rwkv("rwkv_1b5", "1B5", 24, 2048, "RWKV-4-Pile-1B5-20220903-8040.pth"),

@@ -180,7 +180,7 @@ def load_corpus(args) -> tuple[Splits, dict]:
     else:
         from rllm.training import pd_english
         splits, info = pd_english.load(args.cache)
-        info = {"source": "pd-english (rllm/pd_english.py)", **info}
+        info = {"source": "pd-english (rllm/training/pd_english.py)", **info}
     info["docs_sha256"] = {s: corpus_mod.texts_sha256(getattr(splits, s)) for s in SPLITS if getattr(splits, s)}
     return splits, info
 
