@@ -172,12 +172,12 @@ def _load_suite(setup: Setup) -> dict:
         raise ExperimentError(str(e)) from None
 
 
-def _tokenizer(setup: Setup, model, found, found_how: str, name: str):
+def _tokenizer(setup: Setup, vocab_size: int, found, found_how: str, name: str):
     """``--tokenizer`` if given, else the one found with the weights, else (a model with the Pile's
     vocabulary) the GPT-NeoX-20B search of rllm.pile; None of them: one line saying what was tried."""
     from rllm.pile import NEOX_VOCAB, neox_tokenizer
     from rllm.weights import ModelLoadError, _load_tokenizer
-    pile = model.config.vocab_size == NEOX_VOCAB
+    pile = vocab_size == NEOX_VOCAB
     if setup.tokenizer is not None:
         if pile:
             tok, how = neox_tokenizer(path=setup.tokenizer)
@@ -190,8 +190,8 @@ def _tokenizer(setup: Setup, model, found, found_how: str, name: str):
             raise ExperimentError(str(e)) from None
     if found is not None:
         return found
-    if pile:
-        tok, how = neox_tokenizer(beside=setup.weights) if not found_how else (None, found_how)
+    if pile:  # found_how: what load_model tried already (random weights: nothing yet)
+        tok, how = (None, found_how) if found_how else neox_tokenizer()
         if tok is not None:
             return tok
         raise ExperimentError(f"{name}: no GPT-NeoX-20B tokenizer for its text ({how}); pass --tokenizer FILE "
@@ -294,7 +294,7 @@ class Context:
             raise ExperimentError(f"{e} -- or run the hardware study on the real shapes with --random-weights") from None
         model = lm.model.eval()
         kind = "opt" if hasattr(model, "hf") else "rwkv"
-        tok = _tokenizer(setup, model, lm.tokenizer, getattr(lm, "tokenizer_source", ""), lm.name)
+        tok = _tokenizer(setup, model.config.vocab_size, lm.tokenizer, lm.tokenizer_source, lm.name)
         calib, calib_desc, eval_all, eval_desc = _texts(setup, lm, tok)
         cloze, tasks = _shipped_tasks(setup, lm)
         sim = np.asarray(eval_all[: setup.sim_tokens].tolist(), dtype=np.int64)
@@ -305,7 +305,7 @@ class Context:
     @classmethod
     def _random(cls, setup: Setup, arch) -> "Context":
         from rllm import zoo
-        from rllm.model import RWKV, randomize_weights
+        from rllm.model import random_rwkv
         from rllm.weights import ModelLoadError
         try:
             entry = zoo.get_entry(setup.model)
@@ -315,9 +315,9 @@ class Context:
         if cfg is None:
             raise ExperimentError(f"--random-weights needs an RWKV zoo model with a published shape "
                                   f"(rwkv_169m, rwkv_430m, rwkv_1b5), not {setup.model}")
-        model = randomize_weights(RWKV(cfg), seed=setup.seed).eval().to(setup.device)
         # Task texts need token ids: the Pile tokenizer fits the Pile shapes; nothing else is tokenized.
-        tok = _tokenizer(setup, model, None, "", entry.name) if setup.zeroshot else None
+        tok = _tokenizer(setup, cfg.vocab_size, None, "", entry.name) if setup.zeroshot else None
+        model = random_rwkv(cfg, seed=setup.seed).eval().to(setup.device)
         g = torch.Generator().manual_seed(setup.seed)
         L = setup.seq_len + 1
         n = max(1, setup.calib_tokens // setup.seq_len)

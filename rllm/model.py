@@ -313,6 +313,18 @@ def randomize_weights(model: RWKV, seed: int = 0) -> RWKV:
     return model
 
 
+def random_rwkv(cfg: RWKVConfig, seed: int = 0) -> RWKV:
+    """``randomize_weights(RWKV(cfg), seed)``, the same weights without RWKV-4's own initialization
+    first: its orthogonal matrices (a QR of the 50,277-row head) take ~25 s on the 169M shape, and
+    randomize_weights overwrites every parameter anyway."""
+    with torch.device("meta"):
+        model = RWKV(cfg)
+    model = model.to_empty(device="cpu")
+    for site in model.sites.values():  # the only buffers: not parameters, so not randomized
+        site.threshold = torch.zeros(())
+    return randomize_weights(model, seed=seed)
+
+
 def sequence_loss(model: RWKV, idx: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy of ``idx[:, 1:]`` given ``idx[:, :-1]``."""
     logits = model(idx[:, :-1])

@@ -163,9 +163,10 @@ def calibration_text(tokenizer: Any, calib: str | os.PathLike | None, n_tokens: 
 
 def _minipile(tokenizer, n_tokens: int):
     import torch
+    from rllm.taskdata import importable
     from rllm.tokenizer import encode_documents
     from rllm.zoo import _unreachable, offline
-    if importlib.util.find_spec("datasets") is None:
+    if not importable("datasets"):
         return None, "datasets is not installed"
     if offline() or _unreachable() is not None:
         return None, "the hub is not reachable"
@@ -177,3 +178,4 @@ def _minipile(tokenizer, n_tokens: int):
         if total >= 2 * n_tokens:
             break
     return torch.tensor(encode_documents(tokenizer, docs), dtype=torch.long), ""
+

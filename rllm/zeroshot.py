@@ -275,6 +275,7 @@ class TaskScore:
     stderr: float
     n: int
     metrics: dict = field(default_factory=dict)   # every metric computed: acc, acc_norm / acc, ppl
+    loglikelihoods: tuple = field(default=(), repr=False)  # per item, per choice (for paired comparisons)
 
 
 @dataclass(frozen=True)
@@ -324,14 +325,15 @@ def _task_score(t: PreparedTask, res: list[list[tuple[float, bool]]]) -> TaskSco
         hit = [float(r[0][1]) for r in res]
         nll = [-r[0][0] for r in res]
         metrics = {"acc": sum(hit) / len(hit), "ppl": math.exp(sum(nll) / len(nll))}
-        return TaskScore(t.name, "acc", metrics["acc"], _stderr(hit), len(hit), metrics)
+        return TaskScore(t.name, "acc", metrics["acc"], _stderr(hit), len(hit), metrics, tuple((-x,) for x in nll))
     lls = [[ll for ll, _ in r] for r in res]
     hit = [float(_argmax(ll) == y) for ll, y in zip(lls, t.labels)]
-    hit_norm = [float(_argmax([a / n for a, n in zip(ll, ln)]) == y)
+    hit_norm = [float(_argmax([a / n if n else -math.inf for a, n in zip(ll, ln)]) == y)
                 for ll, ln, y in zip(lls, t.norm_lengths, t.labels)]
     metrics = {"acc": sum(hit) / len(hit), "acc_norm": sum(hit_norm) / len(hit_norm)}
     reported = hit if t.metric == "acc" else hit_norm
-    return TaskScore(t.name, t.metric, metrics[t.metric], _stderr(reported), len(hit), metrics)
+    return TaskScore(t.name, t.metric, metrics[t.metric], _stderr(reported), len(hit), metrics,
+                     tuple(tuple(ll) for ll in lls))
 
 
 def _argmax(xs: Sequence[float]) -> int:
