@@ -276,6 +276,9 @@ class Context:
         """Load everything a point needs; bad input (arch, task data, model, tokenizer, texts) is an
         ExperimentError, the task data checked first so that it fails before any model loads."""
         arch = _load_arch(setup)
+        for flag, path in (("--calib", setup.calib), ("--tokenizer", setup.tokenizer), ("--task-data", setup.task_data)):
+            if path is not None and not Path(path).exists():
+                raise ExperimentError(f"{flag} {path}: no such file or directory")
         suite = _load_suite(setup)
         if setup.random_weights:
             ctx = cls._random(setup, arch)

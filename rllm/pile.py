@@ -23,7 +23,6 @@ installed, streams MiniPile's first training documents (the published work calib
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import os
 from pathlib import Path

@@ -620,3 +620,34 @@ def test_an_exported_suite_reads_back_with_its_splits(tmp_path, monkeypatch, tas
     assert back["sciq"].split == "validation" and back["arc_easy"].split == "test"
     for name, t in back.items():
         assert t.items == _items(name, task_files / f"{name}.jsonl")
+
+
+@pytest.fixture(scope="module")
+def pile_ckpt(tmp_path_factory):
+    """A Pile-vocabulary RWKV-4 saved without a tokenizer or any text beside it, as a BlinkDL .pth comes."""
+    from rllm.weights import save_checkpoint
+    d = tmp_path_factory.mktemp("pile")
+    save_checkpoint(random_rwkv(RWKVConfig(vocab_size=pile.NEOX_VOCAB, n_layer=1, n_embd=8, name="pilemini")), d / "w")
+    tok = _pile_sized_tokenizer(d / "20B_tokenizer.json")
+    (d / "calib.txt").write_text((ASSET / "calib.txt").read_text()[:3000])
+    return d / "w", tok, d / "calib.txt"
+
+
+def test_a_pile_model_takes_calib_and_tokenizer_and_holds_out_the_rest(pile_ckpt, tmp_path, task_files, capsys,
+                                                                       monkeypatch):
+    from experiments import run
+    monkeypatch.setenv("EVENT_RWKV_CACHE", str(tmp_path / "cache"))
+    w, tok, calib = pile_ckpt
+    out = tmp_path / "r"
+    assert run.main([str(w), "--tokenizer", str(tok), "--calib", str(calib), "--tasks", f"piqa={task_files}/piqa.jsonl",
+                     "--calib-tokens", "512", "--seq-len", "64", "--out", str(out)] + FAST[2:]) == 0
+    text = capsys.readouterr().out
+    assert "held-out: 256 tokens (the" in text and "tokens after them in calib.txt" in text and "piqa (acc)" in text
+
+
+def test_a_pile_model_without_calibration_text_is_one_line(pile_ckpt, tmp_path, capsys, monkeypatch):
+    from experiments import run
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    w, tok, _ = pile_ckpt
+    assert run.main([str(w), "--tokenizer", str(tok), "--out", str(tmp_path / "r")] + FAST) == 2
+    assert "--calib FILE" in one_line_error(capsys)
