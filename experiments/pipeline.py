@@ -129,6 +129,7 @@ class Setup:
     calib: str | None = None           # calibration text or ids (default: calib.txt beside the weights)
     tokenizer: str | None = None       # a tokenizer.json (default: beside the weights, or the GPT-NeoX search)
     batch_tokens: int | None = None    # tokens per forward pass of the zero-shot scoring
+    tf32: bool = False                 # CUDA float32 matrix products in TF32 (faster; 10-bit mantissa)
 
     def key(self) -> dict:
         d = dataclasses.asdict(self)
@@ -276,6 +277,8 @@ class Context:
         """Load everything a point needs; bad input (arch, task data, model, tokenizer, texts) is an
         ExperimentError, the task data checked first so that it fails before any model loads."""
         arch = _load_arch(setup)
+        if setup.device.startswith("cuda"):  # TF32 only where asked: it moves losses, so thresholds, a little
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = setup.tf32
         for flag, path in (("--calib", setup.calib), ("--tokenizer", setup.tokenizer), ("--task-data", setup.task_data)):
             if path is not None and not Path(path).exists():
                 raise ExperimentError(f"{flag} {path}: no such file or directory")

@@ -72,6 +72,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len, help="calibration sequence length")
     ap.add_argument("--batch-tokens", type=int, help="tokens per forward pass of the zero-shot scoring "
                     "(default 16384 on CUDA, 4096 on CPU)")
+    ap.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products on TF32 tensor cores (faster "
+                    "where the GPU has them; results move within TF32's rounding)")
     ap.add_argument("--no-curve", action="store_true", help="skip the energy-vs-accuracy curve of all algorithms")
     ap.add_argument("--curve", nargs="+", metavar="ALG:K1,K2",
                     default=[f"{k}:{','.join(map(str, v))}" for k, v in P.DEFAULT_CURVE.items()],
@@ -218,7 +220,7 @@ def _setup(a) -> tuple[P.Setup, float | None]:
                         calib_tokens=a.calib_tokens, seq_len=a.seq_len, eval_tokens=a.eval_tokens,
                         cloze_items=a.cloze_items, mc_items=a.mc_items, tasks=tuple(a.task), sim_tokens=a.tokens,
                         seed=a.seed, zeroshot=(a.tasks,) if a.tasks else (), limit=a.limit, task_data=a.task_data,
-                        calib=a.calib, tokenizer=a.tokenizer, batch_tokens=a.batch_tokens)
+                        calib=a.calib, tokenizer=a.tokenizer, batch_tokens=a.batch_tokens, tf32=a.tf32)
         a.explicit_algorithm = a.algorithm is not None
     for name in ("sim_tokens", "eval_tokens", "calib_tokens", "seq_len"):
         if getattr(setup, name) < 1:

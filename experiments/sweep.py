@@ -108,6 +108,7 @@ def parse(argv=None):
     ap.add_argument("--calib", help="calibration text or token ids (as experiments.run)")
     ap.add_argument("--tokenizer", help="tokenizer.json (as experiments.run)")
     ap.add_argument("--batch-tokens", type=int, help="tokens per forward pass of the zero-shot scoring")
+    ap.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products in TF32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="default results/MODEL/sweep")
     ap.add_argument("--max-points", type=int, default=None, help="stop after this many new points (for testing resume)")
@@ -146,7 +147,7 @@ def _main(a) -> int:
                     calib_tokens=a.calib_tokens, eval_tokens=a.eval_tokens, cloze_items=a.cloze_items,
                     mc_items=a.mc_items, sim_tokens=a.tokens, seed=a.seed, zeroshot=(a.tasks,) if a.tasks else (),
                     limit=a.limit, task_data=a.task_data, calib=a.calib, tokenizer=a.tokenizer,
-                    batch_tokens=a.batch_tokens)
+                    batch_tokens=a.batch_tokens, tf32=a.tf32)
     out = P.check_writable(a.out or Path("results") / Path(a.model).name / "sweep")
     try:
         fp = (load_arch(a.arch) if a.arch else default_arch()).fingerprint()

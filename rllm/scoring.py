@@ -33,7 +33,11 @@ from tqdm import tqdm
 from rllm.evaluate import _as_logits, _model_device, is_recurrent, loglikelihood, supports_state
 
 MAX_SEGMENTS = 8          # forward calls per prefix batch, at most
-GROUPS_PER_CHUNK = 512    # prefix states held at once (rwkv_1b5: ~1 MB each)
+# Prefix states held at once, in bytes (rwkv_430m: 0.5 MB a state, rwkv_1b5: 1 MB). More groups a
+# chunk sort the suffixes of more requests together, so batches pad less: on the whole suite with
+# batches of 16,384 tokens, 8 GiB of rwkv_430m states give 2.61M token positions, 0.25 GiB 3.28M
+# (benchmarks/zeroshot_batches.py; lm-eval's whole requests: 4.69M).
+STATE_BYTES = {"cuda": 8 << 30, "cpu": 1 << 30}
 Request = tuple[Sequence[int], Sequence[int]]
 
 
@@ -62,16 +66,22 @@ def group_loglikelihoods(model: Any, groups: Sequence[Sequence[Request]], *, bat
     plans = [_plan(group) for group in groups]
     order = sorted(range(len(plans)), key=lambda i: -plans[i].p)
     out: list[list[tuple[float, bool]] | None] = [None] * len(plans)
+    per_chunk = _groups_per_chunk(model, dev)
     bar = tqdm(total=sum(len(g) for g in groups), desc=desc, unit="req", disable=not progress, leave=False)
     try:
-        for c in range(0, len(order), GROUPS_PER_CHUNK):
-            chunk = [plans[i] for i in order[c:c + GROUPS_PER_CHUNK]]
+        for c in range(0, len(order), per_chunk):
+            chunk = [plans[i] for i in order[c:c + per_chunk]]
             states = _prefix_states(model, chunk, batch_tokens, dev)
-            for i, res in zip(order[c:c + GROUPS_PER_CHUNK], _score_suffixes(model, chunk, states, batch_tokens, dev, bar)):
+            for i, res in zip(order[c:c + per_chunk], _score_suffixes(model, chunk, states, batch_tokens, dev, bar)):
                 out[i] = res
     finally:
         bar.close()
     return out  # type: ignore[return-value]
+
+
+def _groups_per_chunk(model, dev: torch.device) -> int:
+    one = sum(t.numel() * t.element_size() for t in _fields(model.init_state(1)))
+    return max(64, STATE_BYTES.get(dev.type, STATE_BYTES["cpu"]) // one)
 
 
 def _flat(model, groups, batch_tokens, dev, progress, desc):
