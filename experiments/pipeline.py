@@ -160,7 +160,7 @@ def _load_arch(setup: Setup):
         raise ExperimentError(str(e).splitlines()[0]) from None
 
 
-def _load_suite(setup: Setup) -> dict:
+def load_tasks(setup: Setup) -> dict:
     """The zero-shot tasks' items (rllm.zeroshot.LoadedTask by name); {} when none were asked for."""
     if not setup.zeroshot:
         if setup.limit is not None:
@@ -282,7 +282,7 @@ class Context:
         for flag, path in (("--calib", setup.calib), ("--tokenizer", setup.tokenizer), ("--task-data", setup.task_data)):
             if path is not None and not Path(path).exists():
                 raise ExperimentError(f"{flag} {path}: no such file or directory")
-        suite = _load_suite(setup)
+        suite = load_tasks(setup)
         if setup.random_weights:
             ctx = cls._random(setup, arch)
         else:

@@ -148,6 +148,7 @@ def _main(a) -> int:
                     mc_items=a.mc_items, sim_tokens=a.tokens, seed=a.seed, zeroshot=(a.tasks,) if a.tasks else (),
                     limit=a.limit, task_data=a.task_data, calib=a.calib, tokenizer=a.tokenizer,
                     batch_tokens=a.batch_tokens, tf32=a.tf32)
+    P.load_tasks(setup)  # bad task input fails here, once, before any worker starts
     out = P.check_writable(a.out or Path("results") / Path(a.model).name / "sweep")
     try:
         fp = (load_arch(a.arch) if a.arch else default_arch()).fingerprint()
