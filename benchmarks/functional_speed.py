@@ -135,7 +135,7 @@ def main(argv=None) -> pd.DataFrame:
     ap.add_argument("--shapes", default="tiny,430m", help=f"comma-separated, of {list(SHAPES)}")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--sparsity", type=float, default=0.6)
-    ap.add_argument("--fmt", default="float32", choices=["float32", "bf16"])
+    ap.add_argument("--fmt", default="float32", choices=["float32", "bf16", "bf16_weights"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the event kernel is single-threaded)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)

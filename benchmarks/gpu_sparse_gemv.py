@@ -21,7 +21,7 @@ One run on one CUDA GPU, everything side by side:
    and ideal. Weights rotate over enough copies to overflow L2 three times; each figure is the
    median of CUDA-graph replays of 20 back-to-back calls. With ``--sweep``, tile configurations
    are timed first and the best are used for the rest of the run (that is how the configurations
-   in ``rllm.sparse_gemv`` were chosen).
+   in ``rllm.gpu.sparse_gemv`` were chosen).
 3. **Decode**: greedy step-mode decoding of an RWKV-4 430M-shaped model (random weights) with
    uniform per-site thresholds (the quantile of |x| at each site) for ~40/50/60% sparsity, dense
    (``enable_event_kernels(mode="dense")``: the same sync-free sites, cuBLAS products) vs event
@@ -47,9 +47,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from rllm import sparse_gemv
+from rllm.gpu import sparse_gemv
 from rllm.model import RWKV, RWKVConfig, randomize_weights
-from rllm.sparse_gemv import (KernelConfig, best_kernel, break_even_sparsity, capture_graph, cycling,
+from rllm.gpu.sparse_gemv import (KernelConfig, best_kernel, break_even_sparsity, capture_graph, cycling,
                               enable_event_kernels, event_gemv, event_gemv_torch, gpu_time, rotating_weights,
                               sparse_inputs, threshold, transpose_weight)
 

@@ -429,6 +429,48 @@ def _schedule_info(schedule, sites) -> str:
     return f"{getattr(schedule, 'algorithm', type(schedule).__name__)} ({getattr(schedule, 'model', '?')})"
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What the compile of one model on one chip works from (derived once from the arguments)."""
+
+    arch: Any
+    name: str
+    shape: tuple[int, int, int, int]       # n_layer, n_embd, ffn_dim, vocab_size
+    fmt: Any                               # weight NumberFormat
+    state_fmt: Any
+    value_bytes: int
+    graph: Any
+    density: dict
+    sched: str
+    cost: CostModel
+    mem: int
+    anchor_b: tuple[int, ...]              # per matrix: anchored neuron bytes per owned row
+    split: str
+    objective: str
+
+    @staticmethod
+    def make(model, arch, schedule, weight_format, include_head, expected_sparsity, split, objective) -> "_Job":
+        name, L, C, F, V = model_shape(model)
+        fmt = arch.fmt(weight_format)
+        state_fmt = arch.fmt(arch.core.state_format)
+        value_bytes = max(1, state_fmt.bits // 8)
+        graph = build_graph(L, C, F, V, include_head=include_head, value_bytes=value_bytes)
+        return _Job(arch=arch, name=name, shape=(L, C, F, V), fmt=fmt, state_fmt=state_fmt, value_bytes=value_bytes,
+                    graph=graph, density=_site_density(graph.sites, expected_sparsity, schedule),
+                    sched=_schedule_info(schedule, graph.sites), cost=CostModel.from_arch(arch, fmt.name),
+                    mem=int(arch.core.data_memory_bytes),
+                    anchor_b=tuple(graph.anchor_bytes_per_row(m.name, value_bytes) for m in graph.matvecs),
+                    split=split, objective=objective)
+
+    def tile(self, s: int, stream_columns: int = 0) -> Tiling:
+        """The tiling of matrix ``s``, its weights on the cores or (``stream_columns``) streamed."""
+        m = self.graph.matvecs[s]
+        return tile_matrix(m.name, m.out_dim, m.in_dim, mem_bytes=self.mem, weight_bits=self.fmt.bits,
+                           acc_bytes=self.value_bytes, anchor_bytes=self.anchor_b[s], cost=self.cost,
+                           density=self.density[m.name], split=self.split, objective=self.objective,
+                           stream_columns=stream_columns)
+
+
 def compile(model: Any, arch: Any = None, schedule: Any = None, *, weight_format: str | None = None,
             include_head: bool = True, expected_sparsity: float | Mapping[str, float] | None = None, split: str = "auto",
             objective: str = "energy", chips: int | None = None, improve: bool = True,
@@ -439,118 +481,137 @@ def compile(model: Any, arch: Any = None, schedule: Any = None, *, weight_format
     traces). ``expected_sparsity``: per site or global, prices the split choice and weights the
     placement (default: the schedule's calibration sparsity per site, else 0.5). ``split``:
     ``"auto"`` or force ``"by_outputs"``/``"by_inputs"``/``"grid"``.
-    ``chips``: number of chips (default: as many as needed, at most ``arch.chip.max_chips``).
-    Raises :class:`CompileError` when the model does not fit.
+    ``chips``: number of chips (default: as many as every weight on the cores needs, at most
+    ``arch.chip.max_chips``). When the model does not fit ``chips`` chips, the matrices whose
+    weights cost least to stream are streamed from each chip's shared memory into small buffers
+    on their cores instead (:func:`compiler.residency.choose_residency`; the arch needs a
+    ``[shared_memory]``). Raises :class:`CompileError` when the model does not fit even so.
     """
+    from compiler.residency import choose_residency, check_shared_capacity
     from seneca_sim.arch import default_arch
 
-    arch = default_arch() if arch is None else arch
-    name, L, C, F, V = model_shape(model)
-    fmt = arch.fmt(weight_format)
-    state_fmt = arch.fmt(arch.core.state_format)
-    value_bytes = max(1, state_fmt.bits // 8)
-    graph = build_graph(L, C, F, V, include_head=include_head, value_bytes=value_bytes)
-    sites = graph.sites
-    density = _site_density(sites, expected_sparsity, schedule)
-    sched = _schedule_info(schedule, sites)
-    cost = CostModel.from_arch(arch, fmt.name)
-    mem = int(arch.core.data_memory_bytes)
+    job = _Job.make(model, default_arch() if arch is None else arch, schedule, weight_format, include_head,
+                    expected_sparsity, split, objective)
+    tilings, streamed, n_chips = choose_residency(job, chips)
+    lay = _layout(job, tilings, streamed)
+    comm = _communication(job, tilings, lay)
+    place = _place(job, tilings, lay, comm, n_chips, improve, proposals_per_core, seed)
+    check_shared_capacity(job, lay, place, streamed)
+    return _assemble(job, tilings, streamed, lay, comm, place).check()
 
-    tilings: list[Tiling] = []
-    anchor_b: list[int] = []
-    for m in graph.matvecs:
-        ab = graph.anchor_bytes_per_row(m.name, value_bytes)
-        anchor_b.append(ab)
-        tilings.append(tile_matrix(m.name, m.out_dim, m.in_dim, mem_bytes=mem, weight_bits=fmt.bits,
-                                   acc_bytes=value_bytes, anchor_bytes=ab, cost=cost, density=density[m.name],
-                                   split=split, objective=objective))
 
-    cpc = arch.cores_per_chip
-    max_chips = int(chips) if chips is not None else int(arch.chip.max_chips)
-    capacity = max_chips * cpc
+@dataclass
+class _Layout:
+    """Cores in data-flow order: the tiles each holds, the rows it owns, its memory by part."""
+
+    tile_rows: dict
+    owners: dict
+    core_parts: np.ndarray       # [n_cores, 4]: weights (or stream buffer), accumulators, neurons, buffers
+    core_streamed: np.ndarray    # [n_cores] bytes of weights the core streams from the shared memory
+    core_layer: np.ndarray
+    tile_core: list              # per matrix: [n_r, n_c] core ids
+
+    def owners_of(self, s: int):
+        o = np.flatnonzero(self.owners["site"] == s)
+        o = o[np.argsort(self.owners["row0"][o])]
+        return self.owners["core"][o], self.owners["row0"][o], self.owners["row1"][o]
+
+
+def _layout(job: _Job, tilings: list[Tiling], streamed: list[bool]) -> _Layout:
     n_cores = sum(t.n_tiles for t in tilings)
-    if n_cores > capacity:
-        used = 0
-        for m, t in zip(graph.matvecs, tilings):
-            if used + t.n_tiles > capacity:
-                raise CompileError(
-                    f"{name} does not fit: {m.name} (layer {m.layer}) needs cores {used}..{used + t.n_tiles - 1} "
-                    f"but {max_chips} chip(s) x {cpc} cores = {capacity} are available; the model needs "
-                    f"{n_cores} cores ({n_cores - capacity} short, {math.ceil(n_cores / cpc)} chips); "
-                    f"allow more chips or use cores with more data memory")
-            used += t.n_tiles
-    n_chips = max(1, math.ceil(n_cores / cpc)) if chips is None else int(chips)
-    chips_x, chips_y = chip_grid(n_chips)
-
-    # --- cores, tiles, owners (core ids in data-flow order) ----------------------------------
-    tile_rows: dict[str, list] = {k: [] for k in ("core", "site", "row0", "row1", "col0", "col1", "bytes")}
+    tile_rows: dict[str, list] = {k: [] for k in ("core", "site", "row0", "row1", "col0", "col1", "bytes", "streamed")}
     owner_rows: dict[str, list] = {k: [] for k in ("site", "core", "row0", "row1")}
-    core_parts = np.zeros((n_cores, 4), dtype=np.int64)  # weights, accumulators, neurons, buffers
+    parts = np.zeros((n_cores, 4), dtype=np.int64)
+    core_streamed = np.zeros(n_cores, dtype=np.int64)
     core_layer = np.zeros(n_cores, dtype=np.int64)
-    tile_core: list[np.ndarray] = []  # per site: [n_r, n_c] core ids
-    core = 0
-    for s, (m, t) in enumerate(zip(graph.matvecs, tilings)):
+    tile_core, core, bits = [], 0, job.fmt.bits
+    buf_cols = int(job.arch.shared.stream_buffer_columns) if any(streamed) else 0
+    for s, (m, t) in enumerate(zip(job.graph.matvecs, tilings)):
         ids = np.arange(core, core + t.n_tiles).reshape(t.n_row_blocks, t.n_col_blocks)
         tile_core.append(ids)
         for k in range(t.n_row_blocks):
             r0, r1 = t.row_bounds[k], t.row_bounds[k + 1]
             for j in range(t.n_col_blocks):
                 c0, c1 = t.col_bounds[j], t.col_bounds[j + 1]
-                o0, o1 = t.owned_rows(k, j)
-                cid = ids[k, j]
-                w = -(-(r1 - r0) * (c1 - c0) * fmt.bits // 8)
-                core_parts[cid] = (w, (r1 - r0) * value_bytes, (o1 - o0) * anchor_b[s], EVENT_BUFFER_BYTES)
+                o0, o1, cid = *t.owned_rows(k, j), ids[k, j]
+                held = min(buf_cols, c1 - c0) if streamed[s] else c1 - c0  # weight columns in local memory
+                parts[cid] = (-(-(r1 - r0) * held * bits // 8), (r1 - r0) * job.value_bytes,
+                              (o1 - o0) * job.anchor_b[s], EVENT_BUFFER_BYTES)
+                core_streamed[cid] = -(-(r1 - r0) * (c1 - c0) * bits // 8) if streamed[s] else 0
                 core_layer[cid] = m.layer
-                for key, v in zip(tile_rows, (cid, s, r0, r1, c0, c1,
-                                              tile_bytes(r1 - r0, c1 - c0, o1 - o0, fmt.bits, value_bytes, anchor_b[s]))):
+                row = (cid, s, r0, r1, c0, c1,
+                       tile_bytes(r1 - r0, held, o1 - o0, bits, job.value_bytes, job.anchor_b[s]), int(streamed[s]))
+                for key, v in zip(tile_rows, row):
                     tile_rows[key].append(v)
                 if o1 > o0:
                     for key, v in zip(owner_rows, (s, cid, o0, o1)):
                         owner_rows[key].append(v)
         core += t.n_tiles
-    site_idx = {m.name: s for s, m in enumerate(graph.matvecs)}
-    owners = {k: np.asarray(v, dtype=np.int64) for k, v in owner_rows.items()}
+    return _Layout(tile_rows, {k: np.asarray(v, dtype=np.int64) for k, v in owner_rows.items()}, parts,
+                   core_streamed, core_layer, tile_core)
 
-    def owners_of(site: str):
-        o = np.flatnonzero(owners["site"] == site_idx[site])
-        o = o[np.argsort(owners["row0"][o])]
-        return owners["core"][o], owners["row0"][o], owners["row1"][o]
 
-    phase_idx = {p: i for i, p in enumerate(graph.phases)}
+@dataclass
+class _Comm:
+    """Element-wise work, dense transfers, event routes and partial sums (row dicts of lists)."""
 
-    # --- element-wise work per (phase, core) --------------------------------------------------
-    ew_rows: dict[str, list] = {k: [] for k in ("phase", "layer", "core", "elems", "ops", "compares", "state_reads",
-                                                "state_writes", "param_reads")}
-    for e in graph.elementwise:
-        for c, a, b in zip(*owners_of(e.anchor)):
+    ew: dict
+    xf: dict
+    rt: dict
+    rdest: list
+    ps: dict
+
+
+def _communication(job: _Job, tilings: list[Tiling], lay: _Layout) -> _Comm:
+    return _Comm(ew=_elementwise_rows(job, lay), xf=_transfer_rows(job, lay), ps=_psum_rows(tilings, lay),
+                 **_route_rows(job, tilings, lay))
+
+
+def _elementwise_rows(job: _Job, lay: _Layout) -> dict:
+    g, site_idx = job.graph, {m.name: s for s, m in enumerate(job.graph.matvecs)}
+    phase_idx = {p: i for i, p in enumerate(g.phases)}
+    rows: dict[str, list] = {k: [] for k in ("phase", "layer", "core", "elems", "ops", "compares", "state_reads",
+                                             "state_writes", "param_reads")}
+    for e in g.elementwise:
+        for c, a, b in zip(*lay.owners_of(site_idx[e.anchor])):
             n = int(b - a)
-            for key, v in zip(ew_rows, (phase_idx[e.phase], e.layer, c, n, n * e.ops, n * e.compares,
-                                        n * e.state_reads, n * e.state_writes, n * e.param_reads)):
-                ew_rows[key].append(v)
+            for key, v in zip(rows, (phase_idx[e.phase], e.layer, c, n, n * e.ops, n * e.compares,
+                                     n * e.state_reads, n * e.state_writes, n * e.param_reads)):
+                rows[key].append(v)
+    return rows
 
-    # --- dense transfers ----------------------------------------------------------------------
+
+def _transfer_rows(job: _Job, lay: _Layout) -> dict:
+    """Dense copies channel by channel from the owners of ``src`` rows to those of ``dst`` rows."""
+    g, site_idx = job.graph, {m.name: s for s, m in enumerate(job.graph.matvecs)}
+    phase_idx = {p: i for i, p in enumerate(g.phases)}
     xf: dict[str, list] = {k: [] for k in ("phase", "layer", "src", "dst", "pairs")}
-    for t in graph.transfers:
-        sc, s0, s1 = owners_of(t.src)
-        dc, d0, d1 = owners_of(t.dst)
+    for t in g.transfers:
+        sc, s0, s1 = lay.owners_of(site_idx[t.src])
+        dc, d0, d1 = lay.owners_of(site_idx[t.dst])
         i = j = 0
         while i < len(sc) and j < len(dc):
             lo, hi = max(s0[i], d0[j]), min(s1[i], d1[j])
             if hi > lo and sc[i] != dc[j]:
-                for key, v in zip(xf, (phase_idx[t.phase], graph.matvec(t.dst).layer, sc[i], dc[j], hi - lo)):
+                for key, v in zip(xf, (phase_idx[t.phase], g.matvec(t.dst).layer, sc[i], dc[j], hi - lo)):
                     xf[key].append(v)
             if s1[i] <= d1[j]:
                 i += 1
             else:
                 j += 1
+    return xf
 
-    # --- event routes: (site, producing core, column block) ---------------------------------
+
+def _route_rows(job: _Job, tilings: list[Tiling], lay: _Layout) -> dict:
+    """One multicast per (site, producing core, column block), to the tiles of that column block."""
+    g, site_idx = job.graph, {m.name: s for s, m in enumerate(job.graph.matvecs)}
+    phase_idx = {p: i for i, p in enumerate(g.phases)}
     rt: dict[str, list] = {k: [] for k in ("site", "src", "ch0", "ch1", "emit_phase")}
     rdest: list[np.ndarray] = []
-    for s, (m, t) in enumerate(zip(graph.matvecs, tilings)):
-        prod = graph.producer(m.name)
+    for s, (m, t) in enumerate(zip(g.matvecs, tilings)):
+        prod = g.producer(m.name)
         cb = np.asarray(t.col_bounds)
-        for c, a, b in zip(*owners_of(prod.anchor)):
+        for c, a, b in zip(*lay.owners_of(site_idx[prod.anchor])):
             j0 = int(np.searchsorted(cb, a, side="right") - 1)
             j1 = int(np.searchsorted(cb, b, side="left"))
             for j in range(j0, j1):
@@ -558,9 +619,12 @@ def compile(model: Any, arch: Any = None, schedule: Any = None, *, weight_format
                 if hi > lo:
                     for key, v in zip(rt, (s, c, lo, hi, phase_idx[prod.phase])):
                         rt[key].append(v)
-                    rdest.append(tile_core[s][:, j])
+                    rdest.append(lay.tile_core[s][:, j])
+    return {"rt": rt, "rdest": rdest}
 
-    # --- partial sums: tile (k, j) -> owner (k, j') -------------------------------------------
+
+def _psum_rows(tilings: list[Tiling], lay: _Layout) -> dict:
+    """Partial sums of tile (k, j) to the owner (k, j') of each of its row block's owned ranges."""
     ps: dict[str, list] = {k: [] for k in ("site", "src", "dst", "pairs")}
     for s, t in enumerate(tilings):
         if t.n_col_blocks == 1:
@@ -572,88 +636,121 @@ def compile(model: Any, arch: Any = None, schedule: Any = None, *, weight_format
                     continue
                 for j in range(t.n_col_blocks):
                     if j != j2:
-                        for key, v in zip(ps, (s, tile_core[s][k, j], tile_core[s][k, j2], o1 - o0)):
+                        for key, v in zip(ps, (s, lay.tile_core[s][k, j], lay.tile_core[s][k, j2], o1 - o0)):
                             ps[key].append(v)
+    return ps
 
-    # --- placement ----------------------------------------------------------------------------
+
+@dataclass
+class _Placement:
+    gx: np.ndarray
+    gy: np.ndarray
+    chip: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    chips_x: int
+    chips_y: int
+    n_chips: int
+    r_ptr: np.ndarray
+    r_dst: np.ndarray
+    stats: tuple                  # route_stats of routes, partial sums, transfers
+    description: str
+    cost_before: float | None
+    cost_after: float | None
+
+
+def _place(job: _Job, tilings, lay: _Layout, comm: _Comm, n_chips: int, improve: bool, proposals: int,
+           seed: int) -> _Placement:
+    """Layer-ordered fill, then swaps that lower the expected hop-weighted traffic (compiler.placement)."""
+    arch, sites, density = job.arch, job.graph.sites, job.density
+    n_cores = len(lay.core_layer)
+    chips_x, chips_y = chip_grid(n_chips)
     mr, mc = int(arch.chip.mesh_rows), int(arch.chip.mesh_cols)
     gx, gy = initial_positions(n_cores, mr, mc, n_chips)
+    rt, ps, xf = comm.rt, comm.ps, comm.xf
     r_src = np.asarray(rt["src"], dtype=np.int64)
-    r_ptr = np.zeros(len(rdest) + 1, dtype=np.int64)
-    np.cumsum([len(d) for d in rdest], out=r_ptr[1:])
-    r_dst = np.concatenate(rdest).astype(np.int64) if rdest else np.zeros(0, np.int64)
+    r_ptr = np.zeros(len(comm.rdest) + 1, dtype=np.int64)
+    np.cumsum([len(d) for d in comm.rdest], out=r_ptr[1:])
+    r_dst = np.concatenate(comm.rdest).astype(np.int64) if comm.rdest else np.zeros(0, np.int64)
     p_src, p_dst = (np.asarray(ps[k], dtype=np.int64) for k in ("src", "dst"))
     x_src, x_dst = (np.asarray(xf[k], dtype=np.int64) for k in ("src", "dst"))
-    e_hop = arch.e("noc_hop_per_flit")
-    e_chip = arch.e("inter_chip_per_flit")
-    fpp = cost.flits_per_pair
-    r_dens = np.array([density[sites[s]] for s in rt["site"]])
-    w_event = r_dens * (np.asarray(rt["ch1"]) - np.asarray(rt["ch0"])) * fpp
+    fpp = job.cost.flits_per_pair
+    w_event = np.array([density[sites[s]] for s in rt["site"]]) * (np.asarray(rt["ch1"]) - np.asarray(rt["ch0"])) * fpp
     p_act = np.array([1.0 - (1.0 - density[sites[s]]) ** (tilings[s].in_dim / tilings[s].n_col_blocks)
                       for s in ps["site"]])
-    w_psum = p_act * np.asarray(ps["pairs"], dtype=np.float64) * fpp
-    w_xfer = np.asarray(xf["pairs"], dtype=np.float64) * fpp
+    w_all = np.concatenate([w_event, p_act * np.asarray(ps["pairs"], dtype=np.float64) * fpp,
+                            np.asarray(xf["pairs"], dtype=np.float64) * fpp])
     all_src = np.concatenate([r_src, p_src, x_src])
     all_ptr = np.concatenate([r_ptr, r_ptr[-1] + np.arange(1, len(p_src) + len(x_src) + 1)])
     all_dst = np.concatenate([r_dst, p_dst, x_dst])
-    w_all = np.concatenate([w_event, w_psum, w_xfer])
-    placement = "layer-ordered fill along a " + ("Hilbert curve" if mr == mc and mr & (mr - 1) == 0 else "serpentine")
-    placement += " per chip, chips in serpentine order"
-    cost_before = cost_after = None
+    desc = "layer-ordered fill along a " + ("Hilbert curve" if mr == mc and mr & (mr - 1) == 0 else "serpentine")
+    desc += " per chip, chips in serpentine order"
+    before = after = None
     if improve and n_cores > 1 and len(all_src):
-        accepted, cost_before, cost_after = improve_placement(
-            gx, gy, all_src, all_ptr, all_dst, w_all * e_hop, w_all * (e_chip - e_hop), core_layer,
-            mesh_w=mc, mesh_h=mr, proposals_per_core=proposals_per_core, seed=seed)
-        placement += f"; {proposals_per_core} swap proposals per core within layers ({accepted} kept)"
+        e_hop, e_chip = arch.e("noc_hop_per_flit"), arch.e("inter_chip_per_flit")
+        accepted, before, after = improve_placement(
+            gx, gy, all_src, all_ptr, all_dst, w_all * e_hop, w_all * (e_chip - e_hop), lay.core_layer,
+            mesh_w=mc, mesh_h=mr, proposals_per_core=proposals, seed=seed)
+        desc += f"; {proposals} swap proposals per core within layers ({accepted} kept)"
     chip, x, y = chip_coords(gx, gy, mr, mc, chips_x)
-    width = int(max(gx.max(), gy.max())) + 2
-    st = route_stats(gx, gy, all_src, all_ptr, all_dst, mc, mr, width)
+    st = route_stats(gx, gy, all_src, all_ptr, all_dst, mc, mr, int(max(gx.max(), gy.max())) + 2)
     nr, npsum = len(r_src), len(p_src)
-    st_r, st_p, st_x = st[:nr], st[nr:nr + npsum], st[nr + npsum:]
+    return _Placement(gx, gy, chip, x, y, chips_x, chips_y, n_chips, r_ptr, r_dst,
+                      (st[:nr], st[nr:nr + npsum], st[nr + npsum:]), desc, before, after)
 
-    mem_total = core_parts.sum(axis=1)
-    meta = {
-        "version": PROGRAM_VERSION, "model": name, "n_layer": L, "n_embd": C, "ffn_dim": F, "vocab_size": V,
-        "include_head": include_head, "arch": arch.chip.name, "arch_origin": str(arch.origin),
-        "arch_fingerprint": arch.fingerprint(), "weight_format": fmt.name, "weight_bits": fmt.bits,
-        "value_bytes": value_bytes, "data_memory_bytes": mem, "mesh_rows": mr, "mesh_cols": mc,
-        "n_chips": n_chips, "chips_x": chips_x, "chips_y": chips_y, "split": split, "objective": objective,
-        "schedule": sched, "placement": placement, "placement_cost_before_pj": cost_before,
-        "placement_cost_after_pj": cost_after, "macs_per_token": graph.macs_per_token(),
-        "pairs_per_flit": arch.noc.pairs_per_flit, "header_flits": arch.noc.header_flits,
-        "max_pairs_per_packet": arch.noc.max_pairs_per_packet,
+
+def _meta(job: _Job, tilings, streamed, place: _Placement) -> dict:
+    arch, (L, C, F, V) = job.arch, job.shape
+    return {
+        "version": PROGRAM_VERSION, "model": job.name, "n_layer": L, "n_embd": C, "ffn_dim": F, "vocab_size": V,
+        "include_head": job.graph.include_head, "arch": arch.chip.name, "arch_origin": str(arch.origin),
+        "arch_fingerprint": arch.fingerprint(), "weight_format": job.fmt.name, "weight_bits": job.fmt.bits,
+        "value_bytes": job.value_bytes, "state_format": job.state_fmt.name, "data_memory_bytes": job.mem,
+        "mesh_rows": int(arch.chip.mesh_rows), "mesh_cols": int(arch.chip.mesh_cols),
+        "n_chips": place.n_chips, "chips_x": place.chips_x, "chips_y": place.chips_y, "split": job.split,
+        "objective": job.objective, "schedule": job.sched, "placement": place.description,
+        "placement_cost_before_pj": place.cost_before, "placement_cost_after_pj": place.cost_after,
+        "macs_per_token": job.graph.macs_per_token(), "pairs_per_flit": arch.noc.pairs_per_flit,
+        "header_flits": arch.noc.header_flits, "max_pairs_per_packet": arch.noc.max_pairs_per_packet,
+        "streamed": [m.name for m, st in zip(job.graph.matvecs, streamed) if st],
         "tilings": [dict(matrix=t.matrix, split=t.split, n_row_blocks=t.n_row_blocks, n_col_blocks=t.n_col_blocks,
                          est_energy_pj=t.est_energy_pj, est_flit_hops=t.est_flit_hops, density=t.density,
                          alternatives=t.alternatives) for t in tilings],
     }
+
+
+def _assemble(job: _Job, tilings, streamed, lay: _Layout, comm: _Comm, place: _Placement) -> Program:
+    g, sites = job.graph, job.graph.sites
+    phase_idx = {p: i for i, p in enumerate(g.phases)}
     i64 = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
-    prog = Program(
-        meta=meta,
-        sites=Table(name=np.array(sites), layer=i64([m.layer for m in graph.matvecs]),
-                    out_dim=i64([m.out_dim for m in graph.matvecs]), in_dim=i64([m.in_dim for m in graph.matvecs]),
-                    phase=i64([phase_idx[m.phase] for m in graph.matvecs]),
-                    emit_phase=i64([phase_idx[graph.producer(m.name).phase] for m in graph.matvecs]),
-                    split=np.array([t.split for t in tilings]),
-                    n_row_blocks=i64([t.n_row_blocks for t in tilings]),
+    st_r, st_p, st_x = place.stats
+    rt, ps, xf = comm.rt, comm.ps, comm.xf
+    nr = len(rt["src"])
+    return Program(
+        meta=_meta(job, tilings, streamed, place),
+        sites=Table(name=np.array(sites), layer=i64([m.layer for m in g.matvecs]),
+                    out_dim=i64([m.out_dim for m in g.matvecs]), in_dim=i64([m.in_dim for m in g.matvecs]),
+                    phase=i64([phase_idx[m.phase] for m in g.matvecs]),
+                    emit_phase=i64([phase_idx[g.producer(m.name).phase] for m in g.matvecs]),
+                    split=np.array([t.split for t in tilings]), n_row_blocks=i64([t.n_row_blocks for t in tilings]),
                     n_col_blocks=i64([t.n_col_blocks for t in tilings]),
-                    density=np.array([density[s] for s in sites]),
-                    est_energy_pj=np.array([t.est_energy_pj for t in tilings]),
-                    anchor_bytes_per_row=i64(anchor_b)),
-        phases=Table(name=np.array(graph.phases), layer=i64(graph.phase_layer),
-                     kind=np.array(graph.phase_kinds)),
-        cores=Table(chip=i64(chip), x=i64(x), y=i64(y), gx=i64(gx), gy=i64(gy), layer=core_layer,
-                    mem_bytes=mem_total, mem_weights=core_parts[:, 0], mem_accumulators=core_parts[:, 1],
-                    mem_neurons=core_parts[:, 2], mem_buffers=core_parts[:, 3]),
-        tiles=Table(**{k: i64(v) for k, v in tile_rows.items()}),
-        owners=Table(**owners),
-        routes=Table(site=i64(rt["site"]), src=r_src, ch0=i64(rt["ch0"]), ch1=i64(rt["ch1"]),
-                     emit_phase=i64(rt["emit_phase"]), n_dests=np.diff(r_ptr), links=st_r[:, 0],
+                    density=np.array([job.density[s] for s in sites]),
+                    est_energy_pj=np.array([t.est_energy_pj for t in tilings]), anchor_bytes_per_row=i64(job.anchor_b),
+                    streamed=i64(streamed)),
+        phases=Table(name=np.array(g.phases), layer=i64(g.phase_layer), kind=np.array(g.phase_kinds)),
+        cores=Table(chip=i64(place.chip), x=i64(place.x), y=i64(place.y), gx=i64(place.gx), gy=i64(place.gy),
+                    layer=lay.core_layer, mem_bytes=lay.core_parts.sum(axis=1), mem_weights=lay.core_parts[:, 0],
+                    mem_accumulators=lay.core_parts[:, 1], mem_neurons=lay.core_parts[:, 2],
+                    mem_buffers=lay.core_parts[:, 3], streamed_bytes=lay.core_streamed),
+        tiles=Table(**{k: i64(v) for k, v in lay.tile_rows.items()}),
+        owners=Table(**lay.owners),
+        routes=Table(site=i64(rt["site"]), src=i64(rt["src"]), ch0=i64(rt["ch0"]), ch1=i64(rt["ch1"]),
+                     emit_phase=i64(rt["emit_phase"]), n_dests=np.diff(place.r_ptr), links=st_r[:, 0],
                      chip_links=st_r[:, 1], max_hops=st_r[:, 2], max_chip_hops=st_r[:, 3]),
-        route_dests=Table(route=np.repeat(np.arange(nr), np.diff(r_ptr)), core=r_dst),
-        psums=Table(site=i64(ps["site"]), src=p_src, dst=p_dst, pairs=i64(ps["pairs"]), links=st_p[:, 0],
-                    chip_links=st_p[:, 1]),
-        transfers=Table(phase=i64(xf["phase"]), layer=i64(xf["layer"]), src=x_src, dst=x_dst, pairs=i64(xf["pairs"]),
-                        links=st_x[:, 0], chip_links=st_x[:, 1]),
-        elementwise=Table(**{k: i64(v) for k, v in ew_rows.items()}),
+        route_dests=Table(route=np.repeat(np.arange(nr), np.diff(place.r_ptr)), core=place.r_dst),
+        psums=Table(site=i64(ps["site"]), src=i64(ps["src"]), dst=i64(ps["dst"]), pairs=i64(ps["pairs"]),
+                    links=st_p[:, 0], chip_links=st_p[:, 1]),
+        transfers=Table(phase=i64(xf["phase"]), layer=i64(xf["layer"]), src=i64(xf["src"]), dst=i64(xf["dst"]),
+                        pairs=i64(xf["pairs"]), links=st_x[:, 0], chip_links=st_x[:, 1]),
+        elementwise=Table(**{k: i64(v) for k, v in comm.ew.items()}),
     )
-    return prog.check()

@@ -15,6 +15,8 @@ A matrix of ``R`` outputs x ``N`` inputs is cut into ``n_r`` row blocks x ``n_c`
 Memory of a tile (bytes): weights ``rows * cols * bits / 8`` + one accumulator per row (state
 format) + for the rows it owns, the element-wise state, parameters and receive buffers of the
 work anchored on this matrix + a fixed event buffer. A tile must fit one core's data memory.
+A *streamed* matrix (``stream_columns > 0``, see :mod:`compiler.residency`) keeps its weights in
+the chip's shared memory: its tiles hold only ``stream_columns`` weight columns at a time.
 
 Cost (per token, at an expected input density ``d`` = 1 - sparsity), from the arch's table:
 event ingest ``d*N*n_r * E_ingest``; synaptic work ``d*R*N * (E_weight + E_mac)``;
@@ -146,13 +148,14 @@ def candidate_costs(R: int, N: int, n_r: np.ndarray, n_c: np.ndarray, cost: Cost
 
 def tile_matrix(name: str, out_dim: int, in_dim: int, *, mem_bytes: int, weight_bits: int, acc_bytes: int,
                 anchor_bytes: int, cost: CostModel, density: float = 0.5, split: str = "auto",
-                objective: str = "energy") -> Tiling:
+                objective: str = "energy", stream_columns: int = 0) -> Tiling:
     """Choose the tiling of one ``out_dim x in_dim`` matrix: every candidate column-block count,
     the fewest row blocks that fit memory for it, priced by :func:`candidate_costs`.
 
     ``split``: ``"auto"`` (cheapest) or one of :data:`SPLITS` (cheapest of that kind; a matrix that
-    fits one core is a single ``by_outputs`` tile whatever is asked). Raises :class:`CompileError`
-    if no tile fits (the message says what a single row / column needs).
+    fits one core is a single ``by_outputs`` tile whatever is asked). ``stream_columns``: the weights
+    are streamed and a tile buffers this many columns (0: every weight held). Raises
+    :class:`CompileError` if no tile fits (the message says what a single row / column needs).
     """
     if split != "auto" and split not in SPLITS:
         raise ValueError(f"split must be 'auto' or one of {SPLITS}, got {split!r}")
@@ -168,16 +171,18 @@ def tile_matrix(name: str, out_dim: int, in_dim: int, *, mem_bytes: int, weight_
     n_c, cb = n_c[keep], cb[keep]
     # rows per tile: rows*cb*bits/8 + rows*acc + ceil(rows/n_c)*anchor <= avail, using
     # ceil(rows/n_c) <= rows/n_c + 1 (conservative by at most one row)
-    per_row = cb * weight_bits / 8.0 + acc_bytes + anchor_bytes / n_c
+    held = np.minimum(cb, stream_columns) if stream_columns else cb  # weight columns in local memory
+    per_row = held * weight_bits / 8.0 + acc_bytes + anchor_bytes / n_c
     rb = np.floor((avail - anchor_bytes - 1) / per_row).astype(np.int64)
     rb = np.minimum(rb, R)
     fits = rb >= 1
     if not fits.any():
         need = tile_bytes(1, 1, 1, weight_bits, acc_bytes, anchor_bytes)
-        row = tile_bytes(1, N, 1, weight_bits, acc_bytes, anchor_bytes)
-        raise CompileError(f"{name}: even a 1x1 tile with its neuron state needs {need} bytes (one full row of "
-                           f"{N} inputs: {row} bytes) but a core has {mem_bytes} bytes of data memory; "
-                           f"use a chip with more memory or a smaller weight format")
+        row = tile_bytes(1, min(N, stream_columns) if stream_columns else N, 1, weight_bits, acc_bytes, anchor_bytes)
+        raise CompileError(f"{name}: even a 1x1 tile with its neuron state needs {need} bytes (one "
+                           + (f"row with its {min(N, stream_columns)}-column stream buffer" if stream_columns
+                              else f"full row of {N} inputs") + f": {row} bytes) but a core has {mem_bytes} bytes of "
+                           f"data memory ({row - mem_bytes} short); use a chip with more memory or a smaller weight format")
     n_c, cb, rb = n_c[fits], cb[fits], rb[fits]
     n_r = -(-R // rb)
     # a grid needs >= 2 row blocks even where one would fit: add those candidates

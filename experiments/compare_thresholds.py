@@ -2,33 +2,37 @@
 
     python experiments/compare_thresholds.py [--model rwkv_tiny] [--out experiments/results/compare_thresholds]
 
-1. Calibration data: the first ``--calib-seqs`` x ``--seq-len`` tokens of the model's
-   ``calib.txt`` (default 256 x 128); held-out data: the first ``--eval-tokens`` tokens of
-   ``eval.txt`` (default 0: all of it, ~101k tokens on ``rwkv_tiny``; perplexity, state carried
-   across windows, and the sparsity measured on that text) and the first ``--cloze-items`` items
-   of ``cloze.jsonl`` (last-word accuracy). Differences of held-out perplexity between two
-   schedules at one sparsity are small (0.1% at 40%), so the summary gives each one's paired
-   standard error: the per-token NLL differences averaged over blocks of ``--se-block`` tokens
-   (the blocks' spread gives the SE, which allows for correlation inside a block). On the first
-   8,192 tokens the SE of the sequential-minus-uniform log-perplexity was ~1.1e-3 at 40%, as
-   large as the gaps; on all of ``eval.txt`` it is ~0.36e-3.
-2. Targets: MAC-weighted model-wide sparsity (block sites) of 25, 40, 50, 63% (those above the
-   model's natural sparsity). The sequential method's knob (the global loss budget) is searched
-   (a geometric grid, then interpolation in log budget) until its calibration sparsity is within
-   ``--hit`` of the target; every other algorithm is then calibrated at *exactly the sparsity the
-   sequential schedule reached*, so the comparison is at matched sparsity. The authors' procedure
-   is searched the same way on its tolerance.
+1. Data (``experiments/splits.py``): every algorithm calibrates on the first ``--calib-seqs`` x
+   ``--seq-len`` tokens of the model's ``calib.txt`` (default 256 x 128); the held-out text is the
+   first ``--eval-tokens`` tokens of ``eval.txt`` (default 0: all of it, ~101k tokens on
+   ``rwkv_tiny``; perplexity with the state carried across windows, and the sparsity measured on
+   that text) and the first ``--cloze-items`` items of ``cloze.jsonl``. No choice here looks at
+   the held-out text; the sequential method's defaults were chosen on the development split
+   (``experiments/sequential_variants.py``). Differences of held-out perplexity between two
+   schedules at one sparsity are small, so the summary gives each one's paired standard error:
+   the per-token NLL differences averaged over blocks of ``--se-block`` tokens (the blocks'
+   spread gives the SE, which allows for correlation inside a block).
+2. Targets: MAC-weighted model-wide sparsity (block sites) of 40, 50, 63%. The sequential
+   method's knob (the global loss budget) is searched until its calibration sparsity is within
+   ``--hit`` of the target; uniform, TEAL and CATS are then matched to *the sparsity the
+   sequential schedule reached*, from either side, by bisection on their target to within 0.2
+   points (``thresholds.match_sparsity``); fine-tuning rescales its thresholds to it. A method
+   that cannot reach it (CATS: one site per block) is reported as such, with the most it reaches.
+   The authors' procedure has only its ratio tolerance: it is searched for the tolerance whose
+   sparsity is nearest the target, and its row says where it landed.
 3. "Max": the highest sparsity each algorithm reaches with its *calibration* perplexity within
    5% of dense (sequential: the budget ``ln(1.05) / dense_loss``, which guarantees it; paper:
-   the largest tried tolerance that keeps it; uniform/CATS/TEAL: bisection on the target;
-   fine-tuned: bisection on a common scale of the thresholds learned at the highest target).
-   Held-out perplexity is then reported for those schedules: no choice uses the held-out text.
-4. Output: ``compare_thresholds.csv`` (one row per schedule), ``compare_thresholds.png``
-   (held-out perplexity and cloze accuracy against MAC-weighted sparsity), ``summary.md``.
+   bisection on the log tolerance; uniform/CATS/TEAL: bisection on the target; fine-tuned:
+   bisection on a common scale of the thresholds learned at the highest target).
+4. Output: ``compare_thresholds.csv`` (one row per schedule, rewritten after every row),
+   ``heldout_nll.npz`` (every row's per-token held-out NLL, float32),
+   ``compare_thresholds.png`` (held-out perplexity and cloze accuracy against MAC-weighted
+   sparsity), ``summary.md``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import warnings
 import math
 import sys
@@ -43,10 +47,11 @@ import torch
 
 from rllm.events import SparsityMeter, summarize
 from rllm.evaluate import cloze_accuracy, load_task, token_nll
-from thresholds import ScheduleCache, calibrate, teal_trajectory
+from experiments.splits import calib_and_dev
+from thresholds import ScheduleCache, calibrate, match_sparsity, teal_trajectory
 from thresholds.calibrate import load_calib_tokens
 
-TARGETS = (0.25, 0.40, 0.50, 0.63)
+TARGETS = (0.40, 0.50, 0.63)
 LN105 = math.log(1.05)
 
 
@@ -62,9 +67,7 @@ def parse(argv=None):
     p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     p.add_argument("--hit", type=float, default=0.015, help="how close the knob searches must get to a target")
     p.add_argument("--tries", type=int, default=2, help="new sequential runs allowed per target")
-    p.add_argument("--paper-tries", type=int, default=1, help="new runs of the authors' procedure per target")
-    p.add_argument("--teal-tokens", type=int, default=512, help="tokens for TEAL's block-error greedy")
-    p.add_argument("--teal-step", type=float, default=0.1)
+    p.add_argument("--paper-tries", type=int, default=3, help="new runs of the authors' procedure per target")
     p.add_argument("--finetune-steps", type=int, default=20)
     p.add_argument("--finetune-batch", type=int, default=4)
     p.add_argument("--skip", nargs="*", default=[], help="algorithms to leave out")
@@ -84,9 +87,9 @@ class Runner:
         self.model, self.tok, self.name = lm.model.eval(), lm.tokenizer, lm.name
         src = Path(lm.source)
         d = src if src.is_dir() else src.parent
-        ids = load_calib_tokens(d / "calib.txt", self.tok)
-        n = min(a.calib_seqs * a.seq_len, (ids.numel() // a.seq_len) * a.seq_len)
-        self.calib = ids[:n].reshape(-1, a.seq_len)
+        # the calibration side of calib.txt; its development split (the end) is left to method selection
+        self.calib, _ = calib_and_dev(load_calib_tokens(d / "calib.txt", self.tok), a.calib_seqs, a.seq_len)
+        n = self.calib.numel()
         self.calib_desc = f"calib.txt ({self.name}), first {n} tokens as {self.calib.shape[0]} x {a.seq_len}"
         ev = load_calib_tokens(d / "eval.txt", self.tok)
         self.eval_ids = (ev[: a.eval_tokens] if a.eval_tokens > 0 else ev).tolist()
@@ -94,6 +97,7 @@ class Runner:
         self.cloze = load_task(d / "cloze.jsonl", "lambada")[: a.cloze_items]
         self.cache = ScheduleCache(a.cache_dir) if a.cache_dir else True
         self.rows: list[dict] = []
+        self.csv: Path | None = None
         self.dense = None
 
     # --- calibration and evaluation ---------------------------------------------------
@@ -123,11 +127,32 @@ class Runner:
                    calib_loss=s["loss"], calib_ppl_rel=math.exp(s["loss"] - s["dense_loss"]),
                    **ev, ppl_rel=ev["ppl"] / self.dense["ppl"], cloze_delta=ev["cloze_acc"] - self.dense["cloze_acc"],
                    calib_cost_s=sched.cost_s, cached=bool(sched.extra.get("cache", {}).get("hit")))
-        self.rows.append(row)
+        self.add(row)
         print(f"  {algorithm:<13} {point:<6} sparsity {row['sparsity_mac']:.3f} (held-out {row['eval_sparsity_mac']:.3f})"
               f"  ppl {row['ppl']:.3f} ({100 * (row['ppl_rel'] - 1):+.2f}%)  cloze {row['cloze_acc']:.3f}"
               f"  cost {row['calib_cost_s']:.1f}s" + (" [cached]" if row["cached"] else ""), flush=True)
         return row
+
+    def add(self, row: dict) -> None:
+        """Keep a row, and rewrite the CSV so a run stopped early leaves what it measured."""
+        self.rows.append(row)
+        if self.csv is not None:
+            self.frame().to_csv(self.csv, index=False)
+
+    def frame(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.rows)
+        df.insert(0, "model", self.name)
+        return df
+
+    def unreachable(self, algorithm: str, point: str, sp: float, reach: float) -> None:
+        """A row that says the method cannot reach this sparsity (no schedule is evaluated)."""
+        self.add(dict(algorithm=algorithm, point=point, knob=sp, sparsity_mac=reach, reachable=False))
+        print(f"  {algorithm:<13} {point:<6} not reachable: at most {reach:.3f}", flush=True)
+
+    def match(self, algorithm: str, goal: float, hi: float = 0.99, **kw):
+        """``algorithm`` bisected on its target to the calibration sparsity ``goal`` (within 0.2 points)."""
+        return match_sparsity(self.model, self.calib, algorithm, goal, hi=hi, cache=self.cache, model_name=self.name,
+                              calib_description=self.calib_desc, device=self.a.device, progress=False, **kw)
 
     # --- knob searches ------------------------------------------------------------------
     def search(self, runs: dict, run, target: float, tries: int = 2, knob_max: float = 1.0):
@@ -212,8 +237,9 @@ def plot(df: pd.DataFrame, dense: dict, path: Path, model: str) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     styles = {"sequential": ("C0", "o"), "paper": ("C1", "s"), "uniform": ("C2", "^"), "teal": ("C3", "D"),
-              "cats": ("C4", "v"), "cats-inner": ("C5", "<"), "finetune": ("C6", "P")}
-    for alg, g in df[df.algorithm != "dense"].groupby("algorithm", sort=False):
+              "cats": ("C4", "v"), "finetune": ("C6", "P")}
+    scored = df[(df.algorithm != "dense") & df.ppl.notna()]  # unreachable points have no perplexity
+    for alg, g in scored.groupby("algorithm", sort=False):
         g = g.sort_values("sparsity_mac")
         c, mk = styles.get(alg, ("k", "x"))
         axes[0].plot(100 * g.sparsity_mac, 100 * (g.ppl_rel - 1), marker=mk, color=c, label=alg)
@@ -238,7 +264,7 @@ def plot(df: pd.DataFrame, dense: dict, path: Path, model: str) -> None:
 
 def main(argv=None):
     a = parse(argv)
-    warnings.filterwarnings("ignore", message=".*capped.*")  # CATS-inner cannot reach high targets: skipped
+    warnings.filterwarnings("ignore", message=".*capped.*")  # a CATS target beyond reach: recorded, not printed
     import numba
     torch.set_num_threads(a.threads)
     numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
@@ -246,124 +272,159 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     R = Runner(a)
+    R.csv = out / "compare_thresholds.csv"
     m = R.model
     print(f"{R.name}: {m.config.n_layer} layers x {m.config.n_embd}; calibration {R.calib_desc}; "
           f"held-out {len(R.eval_ids)} tokens, {len(R.cloze)} cloze items", flush=True)
-
-    zero = {n: 0.0 for n in m.sites}
-    base = R.cal("sequential", tolerance=0.0)  # the natural-sparsity schedule (all thresholds 0)
-    R.dense, _ = R.evaluate(zero)
-    dense_loss = base.summary["dense_loss"]
-    R.rows.append(dict(algorithm="dense", point="dense", knob=0.0, sparsity_mac=base.sparsity_mac_weighted,
-                       sparsity_mean=base.sparsity_mean, natural_mac=base.summary["natural_mac_weighted"], added_mac=0.0,
-                       calib_loss=dense_loss, calib_ppl_rel=1.0, **R.dense, ppl_rel=1.0, cloze_delta=0.0,
-                       calib_cost_s=0.0, cached=False))
-    print(f"dense (natural sparsity {base.sparsity_mac_weighted:.3f} MAC-weighted, {base.sparsity_mean:.3f} mean): "
-          f"ppl {R.dense['ppl']:.3f}, cloze {R.dense['cloze_acc']:.3f}", flush=True)
+    base = dense_point(R)
     targets = [t for t in a.targets if t > base.sparsity_mac_weighted + a.hit]
-    skipped = [t for t in a.targets if t not in targets]
-    if skipped:
-        print(f"targets {skipped} are at or below the natural sparsity: the dense model already meets them")
-
-    seq_runs, paper_runs = {}, {}
-    import json
-    seq_extra = json.loads(a.seq_params)
-    run_seq = lambda k: R.cal("sequential", tolerance=k, **seq_extra)
-    run_paper = lambda k: R.cal("paper", tolerance=k)
-    t0 = time.perf_counter()
-    tau5 = LN105 / dense_loss  # the budget that keeps calibration ppl within 5%
-    seq_runs[tau5] = run_seq(tau5)
-    if "paper" not in a.skip:
-        paper_runs[5e-4] = run_paper(5e-4)  # the authors' setting (ratio 1.0005)
-    traj = None
-    if "teal" not in a.skip:
-        traj = teal_trajectory(m, R.calib, greedy_tokens=a.teal_tokens, step=a.teal_step, device=a.device,
-                               progress=False)
-        print(f"TEAL greedy trajectory: {traj.cost_s:.1f} s")
-    print(f"first runs: {time.perf_counter() - t0:.0f} s", flush=True)
-
-    ft = {}
-
-    def others(point, sp):
-        """Every other algorithm calibrated at the sparsity ``sp`` the sequential schedule reached."""
-        res = {}
-        if "uniform" not in a.skip:
-            res["uniform"] = R.record("uniform", R.cal("uniform", sparsity=sp, target="mac"), point, sp)
-        if "cats" not in a.skip:
-            s = R.cal("cats", sparsity=sp, sites="ffn")
-            if s.extra.get("target_reached", True):
-                res["cats"] = R.record("cats", s, point, sp)
-            s = R.cal("cats", sparsity=sp, sites="inner")
-            if s.extra.get("target_reached", True):
-                res["cats-inner"] = R.record("cats-inner", s, point, sp)
-        if traj is not None:
-            res["teal"] = R.record("teal", R.cal("teal", sparsity=sp, trajectory=traj), point, sp)
-        if "finetune" not in a.skip:
-            ft[point] = R.cal("finetune", sparsity=sp, steps=a.finetune_steps, batch_seqs=a.finetune_batch)
-            res["finetune"] = R.record("finetune", ft[point], point, sp)
-        return res
-
+    if len(targets) < len(a.targets):
+        print(f"targets {sorted(set(a.targets) - set(targets))} are at or below the natural sparsity: skipped")
+    first = first_runs(R, base.summary["dense_loss"])
     for tgt in targets:
         point = f"{round(100 * tgt)}%"
         print(f"target {point}:", flush=True)
-        s = R.search(seq_runs, run_seq, tgt, tries=a.tries)
+        s = R.search(first["seq"], first["run_seq"], tgt, tries=a.tries)
         R.record("sequential", s, point, s.params["tolerance"])
         if "paper" not in a.skip:
-            p = R.search(paper_runs, run_paper, tgt, tries=a.paper_tries, knob_max=0.05)
+            p = R.search(first["paper"], first["run_paper"], tgt, tries=a.paper_tries, knob_max=0.05)
             R.record("paper", p, point, p.params["tolerance"])
-        others(point, s.sparsity_mac_weighted)
+        matched(R, first, point, s.sparsity_mac_weighted)
+    max_within_5pct(R, first, base.summary["dense_loss"])
+    # the per-token held-out NLL of every row, so the paired differences can be recomputed later
+    np.savez_compressed(out / "heldout_nll.npz", **{f"{alg}|{pt}": v.astype(np.float32) for (alg, pt), v in R.nll.items()})
+    df = R.frame()
+    plot(df, R.rows[0], out / "compare_thresholds.png", R.name)
+    write_summary(df, out / "summary.md", a, R, time.perf_counter() - t_start)
+    print(f"wrote {R.csv}, {out / 'compare_thresholds.png'}, {out / 'summary.md'} ({time.perf_counter() - t_start:.0f} s)")
 
-    # --- the highest sparsity each reaches with calibration ppl within 5% of dense ------------
-    print("max sparsity with calibration perplexity within 5% of dense:", flush=True)
-    R.record("sequential", seq_runs[tau5], "max5%", tau5)
+
+def dense_point(R: Runner):
+    """The dense model's row (natural sparsity only); returns its all-zero schedule."""
+    zero = {n: 0.0 for n in R.model.sites}
+    base = R.cal("sequential", tolerance=0.0)  # the natural-sparsity schedule (all thresholds 0)
+    R.dense, _ = R.evaluate(zero)
+    R.add(dict(algorithm="dense", point="dense", knob=0.0, sparsity_mac=base.sparsity_mac_weighted,
+               sparsity_mean=base.sparsity_mean, natural_mac=base.summary["natural_mac_weighted"], added_mac=0.0,
+               calib_loss=base.summary["dense_loss"], calib_ppl_rel=1.0, **R.dense, ppl_rel=1.0, cloze_delta=0.0,
+               calib_cost_s=0.0, cached=False))
+    print(f"dense (natural sparsity {base.sparsity_mac_weighted:.3f} MAC-weighted, {base.sparsity_mean:.3f} mean): "
+          f"ppl {R.dense['ppl']:.3f}, cloze {R.dense['cloze_acc']:.3f}", flush=True)
+    return base
+
+
+def first_runs(R: Runner, dense_loss: float) -> dict:
+    """The runs every target starts from: sequential at the 5% budget, the authors' procedure at
+    their setting, TEAL's trajectory, CATS's reach."""
+    a = R.a
+    seq_extra = json.loads(a.seq_params)
+    f = {"seq": {}, "paper": {}, "ft": {}, "traj": None, "tau5": LN105 / dense_loss,
+         "run_seq": lambda k: R.cal("sequential", tolerance=k, **seq_extra),
+         "run_paper": lambda k: R.cal("paper", tolerance=k)}
+    t0 = time.perf_counter()
+    f["seq"][f["tau5"]] = f["run_seq"](f["tau5"])
     if "paper" not in a.skip:
-        ok = [s for s in paper_runs.values() if s.summary["loss"] - dense_loss <= LN105]
-        if ok:
-            p5 = max(ok, key=lambda s: s.sparsity_mac_weighted)
-            R.record("paper", p5, "max5%", p5.params["tolerance"])
+        f["paper"][5e-4] = f["run_paper"](5e-4)  # the authors' setting (ratio 1.0005)
+    if "teal" not in a.skip:
+        f["traj"] = teal_trajectory(R.model, R.calib, device=a.device, progress=False)
+        print(f"TEAL greedy trajectory (step 0.05, last quarter, {R.calib.numel()} tokens): {f['traj'].cost_s:.1f} s")
+    if "cats" not in a.skip:
+        f["cats_max"] = R.cal("cats", sparsity=0.99).sparsity_mac_weighted  # its one site per block at 99%
+        print(f"CATS reaches at most {100 * f['cats_max']:.1f}% MAC-weighted sparsity")
+    print(f"first runs: {time.perf_counter() - t0:.0f} s", flush=True)
+    return f
+
+
+def matched(R: Runner, f: dict, point: str, sp: float) -> None:
+    """Uniform, CATS, TEAL matched to the sparsity ``sp`` the sequential schedule reached (within 0.2
+    points, from either side), and fine-tuning rescaled to it."""
+    a = R.a
+    if "uniform" not in a.skip:
+        R.record("uniform", R.match("uniform", sp, target="mac"), point, sp)
+    if "cats" not in a.skip:
+        s = R.match("cats", sp)
+        if s.extra["match"]["within"]:
+            R.record("cats", s, point, sp)
+        else:
+            R.unreachable("cats", point, sp, f["cats_max"])
+    if f["traj"] is not None:
+        R.record("teal", R.match("teal", sp, hi=f["traj"].params["max_sparsity"], trajectory=f["traj"]), point, sp)
+    if "finetune" not in a.skip:
+        f["ft"][point] = R.cal("finetune", sparsity=sp, steps=a.finetune_steps, batch_seqs=a.finetune_batch)
+        R.record("finetune", f["ft"][point], point, sp)
+
+
+def max_within_5pct(R: Runner, f: dict, dense_loss: float) -> None:
+    """The highest sparsity each algorithm reaches with calibration perplexity within 5% of dense."""
+    a = R.a
+    print("max sparsity with calibration perplexity within 5% of dense:", flush=True)
+    R.record("sequential", f["seq"][f["tau5"]], "max5%", f["tau5"])
+    if "paper" not in a.skip:
+        p = bisect_within_5pct(lambda e: R.cal("paper", tolerance=10 ** e), -5.0, -1.0, 7)
+        if p is not None:
+            R.record("paper", p, "max5%", p.params["tolerance"])
     if "uniform" not in a.skip:
         u = R.bisect_target(lambda t: R.cal("uniform", sparsity=t, target="mac"))
         if u is not None:
             R.record("uniform", u, "max5%", u.params["sparsity"])
     if "cats" not in a.skip:
-        top = 0.6
-        c = R.bisect_target(lambda t: R.cal("cats", sparsity=t, sites="ffn"), hi=top)
+        c = R.bisect_target(lambda t: R.cal("cats", sparsity=t), hi=0.99)
         if c is not None:
             R.record("cats", c, "max5%", c.params["sparsity"])
-    if traj is not None:
-        tl = R.bisect_target(lambda t: R.cal("teal", sparsity=t, trajectory=traj))
+    if f["traj"] is not None:
+        tl = R.bisect_target(lambda t: R.cal("teal", sparsity=t, trajectory=f["traj"]),
+                             hi=f["traj"].params["max_sparsity"])
         if tl is not None:
             R.record("teal", tl, "max5%", tl.params["sparsity"])
-    if "finetune" not in a.skip and ft:
-        top = ft[list(ft)[-1]]  # learned at the highest target; then scaled to the 5% boundary
-        f = R.scaled_to_5pct(top)
-        if f is not None:
-            R.record("finetune", f, "max5%", f.params.get("scale"))
+    if "finetune" not in a.skip and f["ft"]:
+        top = f["ft"][list(f["ft"])[-1]]  # learned at the highest target; then scaled to the 5% boundary
+        s = R.scaled_to_5pct(top)
+        if s is not None:
+            R.record("finetune", s, "max5%", s.params.get("scale"))
 
-    df = pd.DataFrame(R.rows)
-    df.insert(0, "model", R.name)
-    df.to_csv(out / "compare_thresholds.csv", index=False)
-    plot(df, R.rows[0], out / "compare_thresholds.png", R.name)
-    write_summary(df, out / "summary.md", a, R, time.perf_counter() - t_start)
-    print(f"wrote {out / 'compare_thresholds.csv'}, {out / 'compare_thresholds.png'}, {out / 'summary.md'} "
-          f"({time.perf_counter() - t_start:.0f} s)")
+
+def _table(df: pd.DataFrame, cols: list[str]) -> list[str]:
+    """The rows as a markdown table; a method that cannot reach a point says so in its ppl column."""
+    t = df[cols].copy().astype(object)
+    gone = df.get("reachable", pd.Series(True, index=df.index)).eq(False)
+    fmt = {"sparsity_mac": "{:.3f}", "eval_sparsity_mac": "{:.3f}", "cloze_acc": "{:.3f}", "ppl": "{:.3f}",
+           "calib_cost_s": "{:.1f}"}
+    for c, f in fmt.items():
+        t[c] = df[c].map(lambda v: "" if v != v else f.format(v))
+    t["ppl_rel"] = df.ppl_rel.map(lambda v: "" if v != v else f"{100 * (v - 1):+.2f}%")
+    t["knob"] = df.knob.map(lambda v: "" if v is None or v != v else f"{v:.4g}")
+    t.loc[gone, "ppl"] = "not reachable (max sparsity shown)"
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + \
+        ["| " + " | ".join(str(v) for v in r) + " |" for r in t.itertuples(index=False)]
+
+
+def _paired_line(df: pd.DataFrame, pt: str, R, block: int) -> str | None:
+    """One point's comparison: every other method's ppl and its paired difference from sequential."""
+    g = df[df.point == pt].set_index("algorithm")
+    if "sequential" not in g.index:
+        return None
+    sp = g.loc["sequential", "ppl"]
+    others = [alg for alg in g.index if alg != "sequential"]
+    comp, better = [], []
+    for alg in others:
+        if (alg, pt) not in R.nll:
+            comp.append(f"{alg} not reachable (at most {100 * g.sparsity_mac[alg]:.1f}%)")
+            continue
+        mu, se = paired_se(R.nll[("sequential", pt)], R.nll[(alg, pt)], block)  # seq - alg
+        comp.append(f"{alg} {g.ppl[alg]:.3f} (seq - {alg}: {1e3 * mu:+.2f}e-3 +- {1e3 * se:.2f}e-3 log-ppl, z {mu / se:+.1f})")
+        if mu > 0:
+            better.append(alg + (" (beyond 2 SE)" if mu > 2 * se else ""))
+    return (f"- {pt}: sequential ppl {sp:.3f}; " + ", ".join(comp) +
+            (f" -> better than sequential: {', '.join(better)}" if better else " -> sequential best"))
 
 
 def write_summary(df: pd.DataFrame, path: Path, a, R, wall: float) -> None:
     cols = ["algorithm", "point", "knob", "sparsity_mac", "eval_sparsity_mac", "ppl", "ppl_rel", "cloze_acc",
             "calib_cost_s"]
-    t = df[cols].copy()
-    t["ppl_rel"] = (100 * (t.ppl_rel - 1)).map(lambda v: f"{v:+.2f}%")
-    for c in ("sparsity_mac", "eval_sparsity_mac", "cloze_acc"):
-        t[c] = t[c].map(lambda v: f"{v:.3f}")
-    t["ppl"] = t.ppl.map(lambda v: f"{v:.3f}")
-    t["calib_cost_s"] = t.calib_cost_s.map(lambda v: f"{v:.1f}")
-    t["knob"] = t.knob.map(lambda v: "" if v is None or v != v else f"{v:.4g}")
     lines = [f"# Threshold algorithms on {R.name} at matched MAC-weighted sparsity", "",
              f"Calibration: {R.calib_desc}. Held-out: {len(R.eval_ids)} tokens of eval.txt, {len(R.cloze)} cloze items.",
-             f"knob = budget (sequential), tolerance (paper) or target sparsity (others). Wall time {wall:.0f} s.", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in t.itertuples(index=False)]
+             f"knob = budget (sequential), tolerance (paper) or target sparsity (others). Wall time {wall:.0f} s.", ""]
+    lines += _table(df, cols)
     lines += ["", f"Paired differences: mean per-token held-out NLL difference (log of the perplexity ratio), "
                   f"standard error over blocks of {a.se_block} tokens; |z| < 2 is within noise."]
     seq = df[(df.algorithm == "sequential") & (df.point == "max5%")]
@@ -374,25 +435,9 @@ def write_summary(df: pd.DataFrame, path: Path, a, R, wall: float) -> None:
                       f"{100 * (r.ppl_rel - 1):+.2f}% vs dense -> target (>= 50% within 5%) "
                       f"{'MET' if ok else 'NOT met'}."]
     for pt in df.point.unique():
-        g = df[df.point == pt].set_index("algorithm")
-        if "sequential" not in g.index or pt in ("dense", "max5%"):
-            continue
-        sp = g.loc["sequential", "ppl"]
-        others = [alg for alg in g.index if alg != "sequential"]
-        paired = {alg: paired_se(R.nll[("sequential", pt)], R.nll[(alg, pt)], a.se_block) for alg in others
-                  if ("sequential", pt) in R.nll and (alg, pt) in R.nll}  # seq - alg: (mean, SE)
-        comp = []
-        for alg in others:
-            txt = f"{alg} {g.ppl[alg]:.3f}"
-            if alg in paired:
-                mu, se = paired[alg]
-                txt += f" (seq - {alg}: {1e3 * mu:+.2f}e-3 +- {1e3 * se:.2f}e-3 log-ppl, z {mu / se:+.1f})"
-            comp.append(txt)
-        better = [alg for alg in others if g.ppl[alg] < sp]
-        signif = [alg for alg in better if alg in paired and paired[alg][0] > 2 * paired[alg][1]]
-        lines.append(f"- {pt}: sequential ppl {sp:.3f}; " + ", ".join(comp) +
-                     (f" -> better than sequential: {', '.join(better)} (beyond 2 SE: {', '.join(signif) or 'none'})"
-                      if better else " -> sequential best"))
+        line = None if pt in ("dense", "max5%") else _paired_line(df, pt, R, a.se_block)
+        if line:
+            lines.append(line)
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -5,7 +5,7 @@
 
 What a researcher gets today on a GPU from the same thresholds: the model decodes ``--tokens``
 tokens greedily from ``--prompt``, once with dense matrix products and once with
-``rllm.sparse_gemv``'s event kernels (on CUDA, per matrix, the fastest of dense and the Triton
+``rllm.gpu.sparse_gemv``'s event kernels (on CUDA, per matrix, the fastest of dense and the Triton
 kernels at the sparsity it sees, measured on this GPU; on CPU the torch fallback, which gathers the
 weight rows of the firing inputs). Both runs use the same schedule and fp32 accumulation; the
 command prints tokens/s of each, their ratio and whether the generated tokens agree. RWKV-4
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
 
 
 def _main(a) -> int:
-    from rllm.sparse_gemv import disable_event_kernels, enable_event_kernels
+    from rllm.gpu.sparse_gemv import disable_event_kernels, enable_event_kernels
     from rllm.weights import ModelLoadError, load_model
     from thresholds import Schedule, ScheduleError, uniform
 

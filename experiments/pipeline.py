@@ -9,7 +9,7 @@ in parallel. Both share :class:`Setup` (everything a point depends on besides it
 its parameters, so an interrupted run or sweep resumes where it stopped.
 
 Timings (calibration cost, wall time and, on CUDA, peak GPU memory of each stage: calibrate,
-evaluate, zeroshot, trace, compile, simulate) are kept out of the rows and written to a separate
+evaluate, zeroshot, compile, trace, simulate) are kept out of the rows and written to a separate
 ``timings.csv``, so results of a resumed run equal those of an uninterrupted one.
 """
 from __future__ import annotations
@@ -31,13 +31,18 @@ import numpy as np
 import torch
 
 ASSETS = Path(__file__).resolve().parent.parent / "rllm" / "assets"
-CODE_VERSION = 1  # bump when a change of this module changes the rows
+CODE_VERSION = 3  # bump when a change of this module, the chip model or an algorithm changes the rows
 LN105 = math.log(1.05)
+
+PREFETCH_POLICIES = ("demand", "dense")
+PREFETCH_PREDICTORS = ("previous", "hot", "lowrank", "oracle")
+PREDICTOR_FIT_TOKENS = 4096  # calibration tokens a predictor is fitted on
 
 KNOB = {"sequential": "tolerance", "paper": "tolerance", "uniform": "sparsity", "teal": "sparsity",
         "cats": "sparsity", "finetune": "sparsity"}
 # The energy-vs-accuracy curve of the default run: every algorithm at a few knob values.
-DEFAULT_CURVE = {"sequential": (0.006,), "uniform": (0.4, 0.55, 0.7), "cats": (0.4, 0.55, 0.7),
+# CATS thresholds only the FFN's inner activation (ffn.value), which alone cannot reach 40% MAC-weighted.
+DEFAULT_CURVE = {"sequential": (0.006,), "uniform": (0.4, 0.55, 0.7), "cats": (0.1, 0.2, 0.3),
                  "teal": (0.4, 0.55, 0.7)}
 
 
@@ -64,16 +69,22 @@ def cli(main, args, resume_hint: str | None = None) -> int:
 # Atomic files
 # ------------------------------------------------------------------------------------------
 
+_TMP_COUNT = iter(range(1 << 62))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place. The file is
+    opened like any other (its mode follows the umask: ``tempfile.mkstemp`` would make it 0600),
+    and named by process and counter, so concurrent writers never share one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_TMP_COUNT)}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -123,6 +134,9 @@ class Setup:
     tasks: tuple[str, ...] = ()        # extra multiple-choice / cloze jsonl files
     sim_tokens: int = 256              # tokens of the event trace run on the chip
     seed: int = 0
+    chips: int | None = None           # chips to map onto (None: as many as every weight on-core needs)
+    prefetch: str = "demand"           # fetch policy of streamed weights: demand, dense, or a predictor
+    prefetch_budget: float = 1.0       # a predictor's fetch budget (x the site's calibration firing count)
     zeroshot: tuple[str, ...] = ()     # the zero-shot suite's tasks: "paper", names, NAME=FILE (rllm.zeroshot)
     limit: int | None = None           # the first N items of each zero-shot task
     task_data: str | None = None       # a directory of the user's task files (<task>.jsonl, ...)
@@ -139,8 +153,11 @@ class Setup:
 
 
 def point_key(setup: Setup, algorithm: str, params: Mapping[str, Any], arch_fp: str) -> str:
-    blob = json.dumps({"v": CODE_VERSION, "setup": setup.key(), "alg": algorithm, "params": dict(params),
-                       "arch": arch_fp}, sort_keys=True, default=str)
+    """What a point's row depends on: the setup, the algorithm and its parameters, the chip, this
+    module's version and the algorithms' source (a changed algorithm never serves a stale row)."""
+    from thresholds.schedule import code_digest
+    blob = json.dumps({"v": CODE_VERSION, "algorithms": code_digest(), "setup": setup.key(), "alg": algorithm,
+                       "params": dict(params), "arch": arch_fp}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -360,8 +377,8 @@ class Context:
         extra = {}
         if algorithm == "teal":
             if self._teal is None:
-                self._teal = teal_trajectory(self.model, self.calib, greedy_tokens=512, device=self.setup.device,
-                                             progress=progress)
+                # TEAL's own settings, on the same calibration tokens as every other algorithm
+                self._teal = teal_trajectory(self.model, self.calib, device=self.setup.device, progress=progress)
             extra["trajectory"] = self._teal
         try:
             return calibrate(self.model, self.calib, algorithm, model_name=self.name, calib_description=self.calib_desc,
@@ -407,13 +424,21 @@ class Context:
                              batch_tokens=self.setup.batch_tokens, progress=progress)
         return res.row()
 
-    def program(self, schedule):
-        """The chip program for this model (compiled once per schedule's sparsity profile)."""
+    def program(self, schedule=None):
+        """The chip program. Without a schedule: *the* mapping of this setup, compiled for the dense
+        run (every activation an event), on which every point and the dense baseline are counted,
+        so that a results folder has one dense figure. With one: a mapping tuned to that schedule's
+        calibration sparsity (a second, labelled comparison). Each is compiled once."""
         from compiler import CompileError, compile
-        key = json.dumps({n: round(v["sparsity"], 3) for n, v in (schedule.sparsity or {}).items()}, sort_keys=True)
+        if schedule is None:
+            key, kw = "dense", {"expected_sparsity": 0.0}
+        else:
+            key = json.dumps({n: round(v["sparsity"], 3) for n, v in (schedule.sparsity or {}).items()},
+                             sort_keys=True)
+            kw = {"schedule": schedule}
         if key not in self._programs:
             try:
-                self._programs[key] = compile(self.model, self.arch, schedule)
+                self._programs[key] = compile(self.model, self.arch, chips=self.setup.chips, **kw)
             except CompileError as e:
                 raise ExperimentError(str(e).splitlines()[0]) from None
         return self._programs[key]
@@ -432,22 +457,59 @@ class Context:
         df["added"] = df.sparsity - df.natural
         return df
 
-    def trace(self, schedule):
+    def trace(self, schedule, block_inputs: bool = False):
         """The event trace of the simulation tokens under ``schedule`` (and, once, at threshold 0)."""
         from rllm.events import trace
         if self._natural is None:  # the same for every schedule
             self._natural = trace(self.model, self.sim_ids, {n: 0.0 for n in self.model.sites}, name=self.name)
-        return trace(self.model, self.sim_ids, schedule.thresholds, name=self.name)
+        return trace(self.model, self.sim_ids, schedule.thresholds, name=self.name, block_inputs=block_inputs)
 
-    def count(self, program, tr):
+    def predicting(self, program) -> bool:
+        """Whether the fetch plan needs the trace's block inputs (a predictor of streamed weights)."""
+        return self.setup.prefetch in PREFETCH_PREDICTORS and bool(program.meta.get("streamed"))
+
+    def count(self, schedule, program, tr):
         """Count an event trace on the chip: the Report, natural zeros beside it."""
         from seneca_sim import simulate
-        return simulate(program, tr, self.arch, natural=self._natural)
+        return simulate(program, tr, self.arch, natural=self._natural, fetch=self.fetch_plan(schedule, program, tr))
 
-    def simulate(self, schedule):
-        """Trace the simulation tokens under ``schedule`` and count them on the chip: (Report, trace)."""
-        tr = self.trace(schedule)
-        return self.count(self.program(schedule), tr), tr
+    def simulate(self, schedule, tuned: bool = False):
+        """Trace the simulation tokens under ``schedule`` and count them on the chip: (Report, trace).
+        On the setup's mapping (:meth:`program`), or with ``tuned`` on one tuned to the schedule."""
+        program = self.program(schedule if tuned else None)
+        tr = self.trace(schedule, block_inputs=self.predicting(program))
+        return self.count(schedule, program, tr), tr
+
+    def fetch_plan(self, schedule, program, sim_trace):
+        """How the program's streamed weights are fetched: ``setup.prefetch`` is a policy (demand,
+        dense) or a predictor, fitted on a trace of the calibration tokens under ``schedule``."""
+        from rllm.events import trace
+        from rllm.prediction import fit_predictor, predicted_trace
+        from seneca_sim.fetch import FetchPlan
+        kind = self.setup.prefetch
+        if kind not in PREFETCH_PREDICTORS or not program.meta.get("streamed"):
+            return FetchPlan(kind if kind in ("demand", "dense") else "demand")
+        calib = self.calib[:, :-1].reshape(-1)[:PREDICTOR_FIT_TOKENS]
+        fit = fit_predictor(kind, trace(self.model, calib, schedule.thresholds, block_inputs=True))
+        streamed = [s for s in program.meta["streamed"] if s in sim_trace.masks]
+        pred = predicted_trace(fit, sim_trace, self.setup.prefetch_budget, sites=streamed)
+        pred = _with_dense_sites(pred, program, [s for s in program.meta["streamed"] if s not in sim_trace.masks])
+        return FetchPlan("prefetch", pred, kind, predictor_macs=sum(fit.cost(s)["macs"] for s in streamed))
+
+
+def _with_dense_sites(trace, program, sites):
+    """``trace`` with every input of ``sites`` firing (sites the model's trace leaves dense, e.g. the
+    head: all of them are needed, so all are prefetched)."""
+    from rllm.events import EventTrace
+    from seneca_sim.counting import dense_mask_row
+    if not sites:
+        return trace
+    widths = {n: int(w) for n, w in zip(program.site_names, program.sites.in_dim)}
+    masks = dict(trace.masks)
+    masks.update({s: np.repeat(dense_mask_row(widths[s])[None], trace.n_tokens, axis=0) for s in sites})
+    return EventTrace(model=trace.model, sites=trace.sites + tuple(sites),
+                      widths=trace.widths + tuple(widths[s] for s in sites), n_tokens=trace.n_tokens, masks=masks,
+                      thresholds=trace.thresholds)
 
 
 class Stages:
@@ -535,17 +597,18 @@ def run_point(ctx: Context, algorithm: str | None, params: Mapping[str, Any] | N
             row.update(ctx.zeroshot(schedule.thresholds, progress=progress))
     report = tr = None
     if ctx.kind == "rwkv":
-        with st("trace"):
-            tr = ctx.trace(schedule)
         with st("compile"):
-            program = ctx.program(schedule)
+            program = ctx.program()  # the setup's one mapping, compiled once
+        with st("trace"):
+            tr = ctx.trace(schedule, block_inputs=ctx.predicting(program))
         with st("simulate"):
-            report = ctx.count(program, tr)
+            report = ctx.count(schedule, program, tr)
         r = report.summary()
         row.update({"energy_uJ": r["energy_uJ_per_token"], "latency_us": r["latency_us_per_token"],
                     "dense_energy_uJ": r["dense_energy_uJ_per_token"], "dense_latency_us": r["dense_latency_us_per_token"],
                     "energy_gain": r["energy_gain_vs_dense"], "latency_gain": r["latency_gain_vs_dense"],
-                    "chip_mac_sparsity": r["mac_sparsity"], "cores": r["cores"], "chips": r["chips"]})
+                    "chip_mac_sparsity": r["mac_sparsity"], "cores": r["cores"], "chips": r["chips"],
+                    "fetch": r["fetch"], "streamed_matrices": r["streamed_matrices"]})
     timings = {"algorithm": row["algorithm"], "knob_value": row["knob_value"], "calib_cost_s": schedule.cost_s,
                "calib_cached": bool(schedule.extra.get("cache", {}).get("hit")), **st.times}
     return Point(row, timings, schedule, sites, report, tr)
@@ -577,11 +640,27 @@ def dense_point(ctx: Context, progress: bool = False) -> Point:
     row = point.row
     row.update(algorithm="dense", knob="", knob_value=0.0)
     point.timing.update(algorithm="dense", knob_value=0.0)
+    if row.get("streamed_matrices"):
+        row["fetch"] = "dense"  # the dense baseline streams every weight every token
     if "energy_uJ" in row:  # dense = every activation an event; threshold 0 (natural zeros silent) kept beside
         row.update(natural_energy_uJ=row["energy_uJ"], natural_latency_us=row["latency_us"],
                    energy_uJ=row["dense_energy_uJ"], latency_us=row["dense_latency_us"], energy_gain=1.0,
                    latency_gain=1.0, natural_chip_mac_sparsity=row["chip_mac_sparsity"], chip_mac_sparsity=0.0)
     return point
+
+
+def tuned_row(ctx: Context, point: Point, dense: Mapping[str, Any]) -> dict:
+    """``point`` on a mapping compiled for its own schedule's sparsity, priced against the same
+    dense run as every other row (``dense``: :func:`dense_row`): how much a mapping tuned to the
+    event-based run adds to the gain, beside the one-mapping comparison."""
+    report, _ = ctx.simulate(point.schedule, tuned=True)
+    r = report.summary()
+    row = {**point.row, "energy_uJ": r["energy_uJ_per_token"], "latency_us": r["latency_us_per_token"],
+           "cores": r["cores"], "chips": r["chips"], "dense_energy_uJ": dense["energy_uJ"],
+           "dense_latency_us": dense["latency_us"]}
+    row["energy_gain"] = dense["energy_uJ"] / row["energy_uJ"]
+    row["latency_gain"] = dense["latency_us"] / row["latency_us"]
+    return row
 
 
 class PointStore:

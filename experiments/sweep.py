@@ -43,6 +43,8 @@ def _worker_init(setup: P.Setup, threads: int | None = None) -> None:
     if threads is not None:
         workers.set_threads(threads)
     _CTX = P.Context.load(setup)
+    if _CTX.kind == "rwkv":  # a model that does not fit the chip fails here, before any point
+        _CTX.program()
 
 
 def _work(alg: str, knob: float) -> dict:
@@ -110,6 +112,9 @@ def parse(argv=None):
     ap.add_argument("--batch-tokens", type=int, help="tokens per forward pass of the zero-shot scoring")
     ap.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products in TF32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chips", type=int, default=None, help="chips to map onto (fewer stream weights; see experiments.run)")
+    ap.add_argument("--prefetch", default=P.Setup.prefetch, choices=P.PREFETCH_POLICIES + P.PREFETCH_PREDICTORS)
+    ap.add_argument("--prefetch-budget", type=float, default=P.Setup.prefetch_budget)
     ap.add_argument("--out", help="default results/MODEL/sweep")
     ap.add_argument("--max-points", type=int, default=None, help="stop after this many new points (for testing resume)")
     ap.add_argument("--quiet", action="store_true")
@@ -145,9 +150,10 @@ def _main(a) -> int:
         raise P.ExperimentError(f"--workers must be >= 1, got {a.workers}")
     setup = P.Setup(model=a.model, weights=a.weights, random_weights=a.random_weights, arch=a.arch, device=a.device,
                     calib_tokens=a.calib_tokens, eval_tokens=a.eval_tokens, cloze_items=a.cloze_items,
-                    mc_items=a.mc_items, sim_tokens=a.tokens, seed=a.seed, zeroshot=(a.tasks,) if a.tasks else (),
-                    limit=a.limit, task_data=a.task_data, calib=a.calib, tokenizer=a.tokenizer,
-                    batch_tokens=a.batch_tokens, tf32=a.tf32)
+                    mc_items=a.mc_items, sim_tokens=a.tokens, seed=a.seed, chips=a.chips, prefetch=a.prefetch,
+                    prefetch_budget=a.prefetch_budget, zeroshot=(a.tasks,) if a.tasks else (), limit=a.limit,
+                    task_data=a.task_data, calib=a.calib, tokenizer=a.tokenizer, batch_tokens=a.batch_tokens,
+                    tf32=a.tf32)
     P.load_tasks(setup)  # bad task input fails here, once, before any worker starts
     out = P.check_writable(a.out or Path("results") / Path(a.model).name / "sweep")
     try:

@@ -91,7 +91,10 @@ class EventTrace:
 
     ``masks[site]``: ``uint8 [T, ceil(width / 8)]``, bits packed little-endian
     (``np.unpackbits(..., bitorder="little")``); ``values[site]`` (optional): the thresholded
-    activations, float32 ``[T, width]``.
+    activations, float32 ``[T, width]``; ``inputs[block]`` (optional): what each block reads
+    before any of its matrices, ``LayerNorm(x)`` of the residual stream (keys ``"0"``..``"L-1"``,
+    and ``"head"`` for the head's input), float32 ``[T, C]``: what a predictor of the block's
+    events may use.
     """
 
     model: str
@@ -102,6 +105,7 @@ class EventTrace:
     thresholds: dict[str, list[float] | float] = field(default_factory=dict)
     values: dict[str, np.ndarray] | None = None
     tokens: np.ndarray | None = None
+    inputs: dict[str, np.ndarray] | None = None
 
     def width(self, site: str) -> int:
         return self.widths[self.sites.index(site)]
@@ -136,6 +140,8 @@ class EventTrace:
         arrays = {f"mask::{s}": m for s, m in self.masks.items()}
         if self.values is not None:
             arrays.update({f"value::{s}": v for s, v in self.values.items()})
+        if self.inputs is not None:
+            arrays.update({f"input::{b}": v for b, v in self.inputs.items()})
         if self.tokens is not None:
             arrays["tokens"] = self.tokens
         tmp = path.with_name(path.name + ".tmp")
@@ -152,15 +158,18 @@ class EventTrace:
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{path}: not an event trace written by rllm.trace ({e}); re-run the trace") from None
         values = {s: z[f"value::{s}"] for s in meta["sites"]} if f"value::{meta['sites'][0]}" in z else None
+        inputs = {k.split("::", 1)[1]: z[k] for k in z.files if k.startswith("input::")} or None
         return EventTrace(model=meta["model"], sites=tuple(meta["sites"]), widths=tuple(meta["widths"]),
                           n_tokens=int(meta["n_tokens"]), masks=masks, thresholds=meta["thresholds"],
-                          values=values, tokens=z["tokens"] if "tokens" in z else None)
+                          values=values, tokens=z["tokens"] if "tokens" in z else None, inputs=inputs)
 
 
 @torch.no_grad()
 def trace(model: RWKV, tokens, thresholds: dict | None = None, *, values: bool = False,
-          window: int = 256, include_head: bool = False, name: str | None = None) -> EventTrace:
-    """Run ``tokens`` (one stream, ``[T]``) through the model and record every site's events.
+          window: int = 256, include_head: bool = False, name: str | None = None,
+          block_inputs: bool = False) -> EventTrace:
+    """Run ``tokens`` (one stream, ``[T]``) through the model and record every site's events
+    (``block_inputs``: and each block's normalized input, :attr:`EventTrace.inputs`).
 
     The stream is processed in windows of ``window`` tokens with the recurrent state carried
     across windows, so the trace equals a token-by-token (chip-like) run. ``thresholds``, if
@@ -183,6 +192,13 @@ def trace(model: RWKV, tokens, thresholds: dict | None = None, *, values: bool =
         return fn
 
     handles = [s.register_forward_hook(hook(n)) for n, s in sites.items()]
+    ins: dict[str, list[np.ndarray]] = {}
+    if block_inputs:
+        norms = {str(i): b.ln1 for i, b in enumerate(model.blocks)} | {"head": model.ln_out}
+        for key, ln in norms.items():
+            ins[key] = []
+            handles.append(ln.register_forward_hook(
+                lambda m, i, o, key=key: ins[key].append(o.reshape(-1, o.shape[-1]).float().cpu().numpy())))
     try:
         state = None
         dev = next(model.parameters()).device
@@ -201,4 +217,5 @@ def trace(model: RWKV, tokens, thresholds: dict | None = None, *, values: bool =
         masks={n: np.concatenate(c) for n, c in chunks.items()}, thresholds=used,
         values={n: np.concatenate(v) for n, v in vals.items()} if values else None,
         tokens=tokens.numpy().astype(np.int32),
+        inputs={k: np.concatenate(v) for k, v in ins.items()} if block_inputs else None,
     )

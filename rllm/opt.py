@@ -306,7 +306,7 @@ def _resolve(path_or_repo) -> tuple[Path, str]:
         if not path.is_dir():
             raise ValueError(f"{path}: an OPT model is a directory (config.json + weights), not a file")
         return path, path.name
-    from rllm import zoo  # local import: zoo imports rllm.weights, which may import this module
+    from rllm import zoo  # local import: only a name lookup needs the zoo
 
     entry = zoo.lookup(text)
     if entry is not None:

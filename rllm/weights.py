@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from rllm.errors import ModelLoadError
 from rllm.model import RWKV, RWKVConfig, Threshold
 
 __all__ = [
@@ -53,10 +54,6 @@ FORMAT_HF_OPT = "hf-opt"     # Hugging Face OPTForCausalLM directory
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 TOKENIZER_NAMES = ("tokenizer.json", "20B_tokenizer.json")
 META_BUILD_ABOVE = 20_000_000  # parameters: larger models are built on the meta device (no init, no copy)
-
-
-class ModelLoadError(ValueError):
-    """Weights could not be found or loaded; the message says which file, what is wrong and what to do."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +82,7 @@ def load_model(source: str | os.PathLike, weights: str | os.PathLike | None = No
     still checked against the published config). ``download``: allow fetching from the Hugging
     Face hub when nothing local is found; ``None`` means "unless ``HF_HUB_OFFLINE`` is set".
     """
-    from rllm import zoo  # local import: zoo imports this module
+    from rllm import zoo  # local import: zoo is only needed for names
 
     dtype = _as_dtype(dtype)
     text = os.fspath(source)

@@ -22,7 +22,7 @@ out broken is an error, never silently skipped):
    is set or ``download=False``. A 3-second TCP probe of the endpoint comes first (skipped behind a
    proxy), so a machine without network fails at once instead of after the hub's retries.
 
-If all fail, one :class:`~rllm.weights.ModelLoadError` lists every place tried and the commands
+If all fail, one :class:`~rllm.errors.ModelLoadError` lists every place tried and the commands
 that fetch the weights. A BlinkDL ``.pth`` found without a tokenizer beside it gets the GPT-NeoX
 ``tokenizer.json`` of the matching HF repo when that one is cached (or downloaded with it).
 """
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rllm.model import RWKVConfig
-from rllm.weights import ModelLoadError
+from rllm.errors import ModelLoadError
 
 ENV_MODELS = "EVENT_RWKV_MODELS"
 ASSETS = Path(__file__).resolve().parent / "assets"

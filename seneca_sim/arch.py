@@ -169,7 +169,11 @@ _REQUIRED: dict[str, dict[str, tuple[str, bool, bool]]] = {
 # dimensions allowed for extra (not required) figures of a section
 _EXTRA_DIMS = {"energy": {"energy", "power"}, "cycles": {"time"}}
 _FIGURE_FIELDS = {"value", "unit", "source", "assumed", "rationale", "note"}
-_SECTIONS = ("sources", "chip", "core", "formats", "noc", "energy", "cycles")
+_SECTIONS = ("sources", "chip", "core", "formats", "noc", "energy", "cycles", "shared_memory")
+# [shared_memory] is optional (a chip without one keeps every weight on the cores); its figures:
+_SHARED = {"read_energy_per_bit": ("energy", False, False), "latency_cycles": ("time", False, False),
+           "bandwidth_bits_per_cycle": ("width", False, True), "capacity_bytes": ("size", True, True),
+           "stream_buffer_columns": ("count", True, True)}
 
 
 # ---------------------------------------------------------------------------------------- classes
@@ -284,6 +288,22 @@ class NocSpec:
 
 
 @dataclass(frozen=True)
+class SharedMemorySpec:
+    """A weight store shared by the cores of one chip (one per chip), and what streaming from it costs.
+
+    ``read_energy_per_bit`` (pJ), ``latency_cycles`` (first word of a burst), ``bandwidth_bits_per_cycle``
+    (the chip's one port, shared by its cores), ``capacity_bytes`` (per chip), ``stream_buffer_columns``
+    (weight column slices a streamed tile buffers on its core: 2 = double buffering)."""
+
+    technology: str
+    read_energy_per_bit: float
+    latency_cycles: float
+    bandwidth_bits_per_cycle: float
+    capacity_bytes: int
+    stream_buffer_columns: int
+
+
+@dataclass(frozen=True)
 class Arch:
     """A validated chip description. Figures are in canonical units (see module docstring).
 
@@ -299,6 +319,7 @@ class Arch:
     formats: Mapping[str, NumberFormat]
     sources: Mapping[str, Mapping[str, str]]
     figures: Mapping[str, Figure]
+    shared: SharedMemorySpec | None = None
     origin: str = field(default="<dict>", compare=False)
     _raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -508,6 +529,30 @@ def _string(sec: Mapping[str, Any], section: str, key: str, origin: str, default
 
 
 def _build(data: Mapping[str, Any], origin: str) -> Arch:
+    """Validate a chip description section by section (each error names the key and the fix)."""
+    _check_top(data, origin)
+    sources = _sources(data, origin)
+    figures: dict[str, Figure] = {}
+
+    def fig(section: str, key: str, sec: Mapping[str, Any]) -> Figure:
+        dim, integer, positive = _REQUIRED[section][key]
+        f = _figure(sec, section, key, origin, sources, dim, integer, positive)
+        figures[f"{section}.{key}"] = f
+        return f
+
+    chip = _chip(data, origin, sources, figures, fig)
+    formats = _formats(data, origin)
+    core = _core(data, origin, formats, fig)
+    noc = _noc(data, origin, fig)
+    tables = _tables(data, origin, sources, figures, fig, formats)
+    shared = _shared_memory(data, origin, sources, figures)
+    return Arch(chip=chip, core=core, noc=noc, energy=MappingProxyType(tables["energy"]),
+                cycles=MappingProxyType(tables["cycles"]), formats=MappingProxyType(formats),
+                sources=MappingProxyType(sources), figures=MappingProxyType(dict(sorted(figures.items()))),
+                shared=shared, origin=origin, _raw=MappingProxyType(_deep_copy(data)))
+
+
+def _check_top(data: Any, origin: str) -> None:
     if not isinstance(data, Mapping):
         raise ArchError(f"{origin}: top level must be a table; see seneca_sim/seneca.toml")
     unknown = set(data) - set(_SECTIONS) - {"schema_version"}
@@ -517,7 +562,8 @@ def _build(data: Mapping[str, Any], origin: str) -> Arch:
     if sv != 1:
         raise _fail(origin, "schema_version", f"= {sv!r} is not supported; this loader reads schema_version = 1")
 
-    # sources
+
+def _sources(data: Mapping[str, Any], origin: str) -> dict[str, Mapping[str, str]]:
     src_sec = _section(data, "sources", origin)
     if not src_sec:
         raise _fail(origin, "[sources]", 'is empty; add [sources.<id>] with citation = "..."')
@@ -526,31 +572,23 @@ def _build(data: Mapping[str, Any], origin: str) -> Arch:
         if not isinstance(entry, Mapping) or not isinstance(entry.get("citation"), str) or not entry["citation"].strip():
             raise _fail(origin, f"sources.{sid}", 'must be a table with citation = "<authors, title, venue, year>"')
         sources[sid] = MappingProxyType({k: str(v) for k, v in entry.items()})
+    return sources
 
-    figures: dict[str, Figure] = {}
 
-    def fig(section: str, key: str, sec: Mapping[str, Any]) -> Figure:
-        dim, integer, positive = _REQUIRED[section][key]
-        f = _figure(sec, section, key, origin, sources, dim, integer, positive)
-        figures[f"{section}.{key}"] = f
-        return f
-
-    # chip
+def _chip(data, origin, sources, figures, fig) -> ChipSpec:
     chip_sec = _section(data, "chip", origin)
     chip_figs = {k: fig("chip", k, chip_sec) for k in _REQUIRED["chip"]}
     for k, v in chip_sec.items():  # optional extra figures (e.g. core_area_mm2)
         if k not in _REQUIRED["chip"] and isinstance(v, Mapping):
             figures[f"chip.{k}"] = _figure(chip_sec, "chip", k, origin, sources, set(_CANONICAL))
-    chip = ChipSpec(
+    return ChipSpec(
         name=_string(chip_sec, "chip", "name", origin),
         technology=_string(chip_sec, "chip", "technology", origin, default="unspecified"),
-        mesh_rows=chip_figs["mesh_rows"].value,
-        mesh_cols=chip_figs["mesh_cols"].value,
-        max_chips=chip_figs["max_chips"].value,
-        clock_hz=float(chip_figs["clock_hz"].value),
-    )
+        mesh_rows=chip_figs["mesh_rows"].value, mesh_cols=chip_figs["mesh_cols"].value,
+        max_chips=chip_figs["max_chips"].value, clock_hz=float(chip_figs["clock_hz"].value))
 
-    # formats
+
+def _formats(data, origin) -> dict[str, NumberFormat]:
     fmt_sec = _section(data, "formats", origin)
     if not fmt_sec:
         raise _fail(origin, "[formats]", "is empty; add at least [formats.bf16] with bits, lanes, mac, acc, source")
@@ -571,8 +609,10 @@ def _build(data: Mapping[str, Any], origin: str) -> Arch:
                 raise _fail(origin, f"{key}.{req}", f"must be a non-empty string (got {entry[req]!r})")
         formats[name] = NumberFormat(name=name, bits=entry["bits"], lanes=entry["lanes"], mac=entry["mac"],
                                      acc=entry["acc"], source=entry["source"])
+    return formats
 
-    # core
+
+def _core(data, origin, formats, fig) -> CoreSpec:
     core_sec = _section(data, "core", origin)
     core_figs = {k: fig("core", k, core_sec) for k in _REQUIRED["core"]}
     weight_format = _string(core_sec, "core", "weight_format", origin)
@@ -580,19 +620,16 @@ def _build(data: Mapping[str, Any], origin: str) -> Arch:
     for k, v in (("weight_format", weight_format), ("state_format", state_format)):
         if v not in formats:
             raise _fail(origin, f"core.{k}", f"= {v!r} is not a format in [formats] ({', '.join(sorted(formats))}); add [formats.{v}] or pick one of them")
+    word = core_figs["data_word_bits"].value
     for name, f in formats.items():
-        if f.bits > core_figs["data_word_bits"].value and f.bits % core_figs["data_word_bits"].value:
+        if f.bits > word and f.bits % word:
             raise _fail(origin, f"formats.{name}.bits", f"= {f.bits} is not a multiple of core.data_word_bits")
-    core = CoreSpec(
-        npe_count=core_figs["npe_count"].value,
-        data_memory_bytes=core_figs["data_memory_bytes"].value,
-        instruction_memory_bytes=core_figs["instruction_memory_bytes"].value,
-        data_word_bits=core_figs["data_word_bits"].value,
-        weight_format=weight_format,
-        state_format=state_format,
-    )
+    return CoreSpec(npe_count=core_figs["npe_count"].value, data_memory_bytes=core_figs["data_memory_bytes"].value,
+                    instruction_memory_bytes=core_figs["instruction_memory_bytes"].value, data_word_bits=word,
+                    weight_format=weight_format, state_format=state_format)
 
-    # noc
+
+def _noc(data, origin, fig) -> NocSpec:
     noc_sec = _section(data, "noc", origin)
     noc_figs = {k: fig("noc", k, noc_sec) for k in _REQUIRED["noc"]}
     multicast = noc_sec.get("multicast", True)
@@ -600,13 +637,12 @@ def _build(data: Mapping[str, Any], origin: str) -> Arch:
         raise _fail(origin, "noc.multicast", f"must be true or false (got {multicast!r})")
     if noc_figs["max_flits_per_packet"].value <= noc_figs["header_flits"].value:
         raise _fail(origin, "noc.max_flits_per_packet", "must exceed noc.header_flits so a packet can carry a payload")
-    noc = NocSpec(
-        routing=_string(noc_sec, "noc", "routing", origin, default="xy"),
-        multicast=multicast,
-        **{k: f.value for k, f in noc_figs.items()},
-    )
+    return NocSpec(routing=_string(noc_sec, "noc", "routing", origin, default="xy"), multicast=multicast,
+                   **{k: f.value for k, f in noc_figs.items()})
 
-    # energy and cycles: required figures plus any extra ones
+
+def _tables(data, origin, sources, figures, fig, formats) -> dict[str, dict[str, Figure]]:
+    """[energy] and [cycles]: the required figures plus any extra ones; formats must price with energies."""
     tables: dict[str, dict[str, Figure]] = {}
     for section in ("energy", "cycles"):
         sec = _section(data, section, origin)
@@ -623,19 +659,23 @@ def _build(data: Mapping[str, Any], origin: str) -> Arch:
                 raise _fail(origin, f"formats.{name}.{op}", f"= {ref!r} names no [energy] figure; add energy.{ref} or point to an existing key")
             if tables["energy"][ref].unit != "pJ":
                 raise _fail(origin, f"formats.{name}.{op}", f"= {ref!r} is not an energy (pJ) figure")
+    return tables
 
-    return Arch(
-        chip=chip,
-        core=core,
-        noc=noc,
-        energy=MappingProxyType(tables["energy"]),
-        cycles=MappingProxyType(tables["cycles"]),
-        formats=MappingProxyType(formats),
-        sources=MappingProxyType(sources),
-        figures=MappingProxyType(dict(sorted(figures.items()))),
-        origin=origin,
-        _raw=MappingProxyType(_deep_copy(data)),
-    )
+
+def _shared_memory(data: Mapping[str, Any], origin: str, sources, figures: dict) -> SharedMemorySpec | None:
+    """The optional [shared_memory] section (None where the file has none)."""
+    if "shared_memory" not in data:
+        return None
+    sec = _section(data, "shared_memory", origin)
+    vals = {}
+    for key, (dim, integer, positive) in _SHARED.items():
+        f = _figure(sec, "shared_memory", key, origin, sources, dim, integer, positive)
+        figures[f"shared_memory.{key}"] = f
+        vals[key] = f.value
+    extra = sorted(k for k in sec if k not in _SHARED and k != "technology")
+    if extra:
+        raise _fail(origin, f"shared_memory.{extra[0]}", f"is not a shared-memory figure; known: {', '.join(_SHARED)}")
+    return SharedMemorySpec(technology=_string(sec, "shared_memory", "technology", origin), **vals)
 
 
 def _deep_copy(obj: Any) -> Any:
@@ -698,6 +738,16 @@ def figures_markdown(arch: Arch | None = None) -> str:
         if f.note:
             text += f" ({f.note})"
         lines.append(f"| `{key}` | {raw} | {canon} | {text.replace('|', '/')} | {'**yes**' if f.assumed else 'no'} |")
+    return "\n".join(lines)
+
+
+def assumed_markdown(arch: Arch | None = None) -> str:
+    """Markdown table of the figures marked ``assumed`` (no published source), with their rationale:
+    the README's list is this table (``python -m seneca_sim.arch --assumed``)."""
+    arch = default_arch() if arch is None else arch
+    lines = ["| figure | assumed value | rationale |", "|---|---|---|"]
+    for key, f in arch.assumed_figures().items():
+        lines.append(f"| `{key}` | {_fmt_num(f.raw_value)} {f.raw_unit} | {f.rationale.replace('|', '/')} |")
     return "\n".join(lines)
 
 
@@ -781,6 +831,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if markdown:
         print(figures_markdown(arch))
+        return 0
+    if "--assumed" in argv:
+        print(assumed_markdown(arch))
         return 0
     print(f"{arch.origin}: OK ({arch.chip.name}; {arch.cores_per_chip} cores/chip, {arch.core.npe_count} NPEs/core, "
           f"{arch.core.data_memory_bytes // 1024} KiB data memory, {arch.chip.clock_hz / 1e6:g} MHz)")

@@ -12,12 +12,16 @@ psum_ingest            partial sums received by row owners (by_inputs / grid til
 value_ingest           dense values received by element-wise stages (k, r, residual)    event_ingest
 neuron_update          element-wise NPE ops (graph.py's per-element counts) + psum adds  neuron_update
 threshold_compare      one per element at every site                                    threshold_compare
-event_generate         events sent by the producing core                                event_generate
+event_generate         values sent: events by the producing core, partial sums by the    event_generate
+                       sending tile, dense copies by the sending owner
 state_read/_write      words: recurrent state, parameters, accumulators (rows per tile   state_read_word /
                        per token), received values and partial sums                     state_write_word
 noc_flit_hop           flits x on-chip links of the multicast tree (XY, from Program)   noc_hop_per_flit
 chip_flit_hop          flits x chip-to-chip links                                       inter_chip_per_flit
 leakage                core-cycles: every core leaks for the whole token                leakage_per_core
+shared_read_bit        bits of streamed weights read from the chip's shared memory      shared_memory.
+                       (``seneca_sim.fetch``: by fetch policy)                          read_energy_per_bit
+buffer_write           16-bit words of them written into the core's stream buffer       state_write_word
 =====================  ===============================================================  =================
 
 Flits: a producing core packs the events of one route and one token into packets
@@ -30,14 +34,17 @@ parallel); a phase takes
 
     NoC latency of its inputs + slowest core's compute + partial-sum NoC latency + slowest owner's reduction
 
-* NoC latency of a message: hops x (cycles per hop per flit + router latency) + chip crossings x
-  inter-chip latency + (flits - 1) x cycles per flit (serialization), longest path of the tree;
+* NoC latency of a message: the closed form of ``seneca_sim.network.analytic_latency`` (head
+  through the sender's injection port, every link and router of the XY path and the receiver's
+  ejection port; ``inter_chip_latency_cycles`` more per chip crossing; then (flits - 1) x cycles
+  per flit of serialization), to the route's farthest destination;
 * a tile spends per event ``controller_cycles_per_event + ceil(rows / npe) x (weight words per
   weight + MAC instructions / lanes) x npe_cycles`` (MAC = MUL + ADD: 2 instructions; binary
   events: 1), plus per token ``2 ceil(rows / npe)`` to store and read its accumulators;
 * element-wise work takes ``ceil(ops / npe)`` cycles, each received value or partial sum
-  ``controller_cycles_per_event`` (the controller handles every incoming pair), each generated
-  event ``event_queue_access_cycles``.
+  ``controller_cycles_per_event`` (the controller handles every incoming pair), each value sent
+  ``event_queue_access_cycles`` on the sender: an event in its emitting phase, a partial sum in
+  its matrix's phase, a dense copy at the end of the phase before the one that uses it.
 Tokens do not overlap (generation: token t+1 needs token t's output).
 
 Two small numba kernels do the per-token work; each has a plain-numpy twin used by the tests:
@@ -50,11 +57,9 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-ACTIONS = ("event_ingest", "weight_read", "mac", "psum_ingest", "value_ingest", "neuron_update", "threshold_compare",
-           "event_generate", "state_read", "state_write", "noc_flit_hop", "chip_flit_hop", "leakage")
-(A_INGEST, A_WREAD, A_MAC, A_PSUM, A_VALUE, A_NEURON, A_THRESH, A_EVGEN, A_SREAD, A_SWRITE, A_NOC, A_CHIP,
- A_LEAK) = range(len(ACTIONS))
-N_ACTIONS = len(ACTIONS)
+from seneca_sim.actions import (A_BUFW, A_CHIP, A_EVGEN, A_INGEST, A_LEAK, A_MAC, A_NEURON, A_NOC, A_PSUM,  # noqa: F401
+                                A_SHARED, A_SREAD, A_SWRITE, A_THRESH, A_VALUE, A_WREAD, ACTIONS, N_ACTIONS)
+from seneca_sim.report import Report
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
@@ -116,7 +121,7 @@ def _book(item_tot, tok_layer, tok_item, keep, t, it, lay, a, v):
 
 @njit(cache=True)
 def token_actions(ev_tiles, ev_routes, static_slot, static_noc,
-                  t_item, t_rows, t_words, t_slot, t_cyc, t_ptr, t_psum_on, t_psum_chip,
+                  t_item, t_rows, t_words, t_slot, t_cyc, t_ptr, t_psum_on, t_psum_chip, t_psum_pairs,
                   p_dst_item, p_pairs, p_slot, p_cyc, p_lat, p_phase,
                   r_src_item, r_on, r_chip, r_lat0, r_phase, r_slot,
                   slot_phase, slot_stage, core_item, item_layer, ppf, header, max_pairs, cyc_flit, evgen_cyc,
@@ -129,7 +134,8 @@ def token_actions(ev_tiles, ev_routes, static_slot, static_noc,
     booked here (:func:`run_kernels` adds them); their cycles are (``static_slot``, ``static_noc``).
     A received partial sum is booked once, as ``psum_ingest``; :func:`run_kernels` copies that
     count to the add, the accumulator read and write it also costs. ``t_psum_on/_chip``: flit-links
-    of all partial-sum messages a tile sends.
+    of all partial-sum messages a tile sends; ``t_psum_pairs``: the values in them, each generated
+    by the tile's core (event_generate, and an event-queue access on its cycles).
     """
     T = ev_tiles.shape[0]
     n_phases = phase_cyc.shape[1]
@@ -153,8 +159,10 @@ def token_actions(ev_tiles, ev_routes, static_slot, static_noc,
             _book(item_tot, tok_layer, tok_item, keep, t, it, lay, 2, ev * t_rows[i])             # mac
             slot[t_slot[i]] += ev * t_cyc[i]
             if t_ptr[i + 1] > t_ptr[i]:
+                _book(item_tot, tok_layer, tok_item, keep, t, it, lay, 7, t_psum_pairs[i])         # event_generate
                 _book(item_tot, tok_layer, tok_item, keep, t, it, lay, 10, t_psum_on[i])
                 _book(item_tot, tok_layer, tok_item, keep, t, it, lay, 11, t_psum_chip[i])
+                slot[t_slot[i]] += t_psum_pairs[i] * evgen_cyc
             for k in range(t_ptr[i], t_ptr[i + 1]):
                 _book(item_tot, tok_layer, tok_item, keep, t, p_dst_item[k], lay, 3, p_pairs[k])
                 slot[p_slot[k]] += p_cyc[k]
@@ -209,6 +217,8 @@ def token_actions_numpy(ev_tiles, ev_routes, tb: "CountTables"):
     np.add.at(slot, (slice(None), tb.t_slot), ev_tiles * tb.t_cyc)
     p_tile = np.repeat(np.arange(len(tb.t_item)), np.diff(tb.t_ptr))
     active = (ev_tiles[:, p_tile] > 0).astype(np.float64)            # [T, n_psum]
+    add(A_EVGEN, tb.p_src_item, active * tb.p_pairs)
+    np.add.at(slot, (slice(None), tb.p_src_slot), active * (tb.p_pairs * tb.evgen_cyc))
     add(A_NOC, tb.p_src_item, active * (tb.p_flits * tb.p_on))
     add(A_CHIP, tb.p_src_item, active * (tb.p_flits * tb.p_chip))
     for a in (A_PSUM, A_NEURON, A_SREAD, A_SWRITE):
@@ -262,7 +272,9 @@ class CountTables:
     t_ptr: np.ndarray
     t_psum_on: np.ndarray         # [n_tiles] flits x on-chip links of the partial sums a tile sends
     t_psum_chip: np.ndarray
+    t_psum_pairs: np.ndarray      # [n_tiles] partial sums a tile sends (values it generates)
     p_src_item: np.ndarray
+    p_src_slot: np.ndarray        # the sending tile's compute slot (the numpy twin's view of t_psum_pairs)
     p_dst_item: np.ndarray
     p_pairs: np.ndarray
     p_flits: np.ndarray
@@ -301,117 +313,189 @@ def action_energies(arch, fmt: str, binary_events: bool = False) -> np.ndarray:
         get("threshold_compare", arch.e("neuron_update")), get("event_generate", 0.0),
         arch.e("state_read_word"), arch.e("state_write_word"), arch.e("noc_hop_per_flit"),
         arch.e("inter_chip_per_flit"), arch.leakage_pj_per_cycle,
+        arch.shared.read_energy_per_bit if arch.shared is not None else 0.0, arch.e("state_write_word"),
     ], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class _Figs:
+    """The arch's cycle and packet figures the tables are built from."""
+
+    npe: int
+    ctrl: float
+    npe_cyc: float
+    evgen_cyc: float
+    cyc_flit: float
+    ppf: int
+    header: int
+    max_pairs: int
+
+    @staticmethod
+    def of(arch) -> "_Figs":
+        noc = arch.noc
+        return _Figs(npe=int(arch.core.npe_count), ctrl=arch.c("controller_cycles_per_event"),
+                     npe_cyc=arch.c("npe_cycles_per_instruction"),
+                     evgen_cyc=arch.c("event_queue_access_cycles") if "event_queue_access_cycles" in arch.cycles else 1.0,
+                     cyc_flit=noc.cycles_per_hop_per_flit, ppf=noc.pairs_per_flit, header=noc.header_flits,
+                     max_pairs=noc.max_pairs_per_packet)
+
+    def flits(self, pairs):
+        return flits_for_pairs(pairs, self.ppf, self.header, self.max_pairs)
+
+
+class _Index:
+    """Items, the (core, layer) pairs actions are booked on, and slots, the (core, phase, stage)
+    whose cycles add up (stage 1: partial-sum reduction and sending finished values)."""
+
+    def __init__(self, P):
+        self.L1 = L1 = int(P.meta["n_layer"]) + 1
+        ew, xf, tl, ps, rt, layer = P.elementwise, P.transfers, P.tiles, P.psums, P.routes, P.sites.layer
+        self.ukeys = np.unique(np.concatenate([
+            P.cores.layer + L1 * np.arange(P.n_cores), ew.layer + L1 * ew.core, xf.layer + L1 * xf.src,
+            xf.layer + L1 * xf.dst, layer[tl.site] + L1 * tl.core, layer[ps.site] + L1 * ps.src,
+            layer[ps.site] + L1 * ps.dst, layer[rt.site] + L1 * rt.src]).astype(np.int64))
+        self.S = S = 2 * len(P.phases)
+        self.xf_send = np.maximum(xf.phase - 1, 0)  # a dense copy is sent at the end of the phase before its use
+        phase = P.sites.phase
+        self.slot_keys = np.unique(np.concatenate([
+            (ew.core * S + 2 * ew.phase), (xf.dst * S + 2 * xf.phase), (xf.src * S + 2 * self.xf_send + 1),
+            (tl.core * S + 2 * phase[tl.site]), (ps.dst * S + 2 * phase[ps.site] + 1),
+            (rt.src * S + 2 * rt.emit_phase)]).astype(np.int64))
+
+    def item(self, core, layer) -> np.ndarray:
+        return np.searchsorted(self.ukeys, np.asarray(layer) + self.L1 * np.asarray(core)).astype(np.int64)
+
+    def slot(self, core, phase, stage: int = 0) -> np.ndarray:
+        return np.searchsorted(self.slot_keys, np.asarray(core) * self.S + 2 * np.asarray(phase) + stage).astype(np.int64)
 
 
 def build_tables(program, arch, binary_events: bool = False) -> CountTables:
     """Flatten a Program into the kernels' arrays for chip ``arch`` (energies and cycle figures)."""
-    P = program
-    L1 = int(P.meta["n_layer"]) + 1
-    fmt = arch.fmt(P.meta["weight_format"])
-    npe = int(arch.core.npe_count)
-    ctrl = arch.c("controller_cycles_per_event")
-    npe_cyc = arch.c("npe_cycles_per_instruction")
-    evgen_cyc = arch.c("event_queue_access_cycles") if "event_queue_access_cycles" in arch.cycles else 1.0
-    hop_cyc = arch.noc.cycles_per_hop_per_flit + arch.noc.router_latency_cycles
-    chip_cyc = arch.noc.inter_chip_latency_cycles
-    cyc_flit = arch.noc.cycles_per_hop_per_flit
-    ppf, header, max_pairs = arch.noc.pairs_per_flit, arch.noc.header_flits, arch.noc.max_pairs_per_packet
-    n_cores = P.n_cores
-    n_phases = len(P.phases)
-
-    # sites -> bit offsets in the concatenated masks (each site padded to whole bytes)
-    site_bytes = -(-P.sites.in_dim // 8)
+    P, f, ix = program, _Figs.of(arch), _Index(program)
+    head = _head_latency(arch)
+    site_bytes = -(-P.sites.in_dim // 8)  # each site's mask padded to whole bytes in the concatenated masks
     site_off = np.concatenate([[0], np.cumsum(site_bytes)[:-1]]) * 8
-    site_layer = P.sites.layer
-    site_phase = P.sites.phase
-
-    # items: (core, layer) pairs that any action is booked on
-    ew, xf, tl, ps, rt = P.elementwise, P.transfers, P.tiles, P.psums, P.routes
-    keys = np.concatenate([
-        P.cores.layer + L1 * np.arange(n_cores),
-        ew.layer + L1 * ew.core, xf.layer + L1 * xf.src, xf.layer + L1 * xf.dst,
-        site_layer[tl.site] + L1 * tl.core, site_layer[ps.site] + L1 * ps.src, site_layer[ps.site] + L1 * ps.dst,
-        site_layer[rt.site] + L1 * rt.src]).astype(np.int64)
-    ukeys = np.unique(keys)
-    item = lambda core, layer: np.searchsorted(ukeys, np.asarray(layer) + L1 * np.asarray(core))  # noqa: E731
-    n_items = len(ukeys)
-
-    # slots: (core, phase, stage) whose cycles add up; stage 1 = partial-sum reduction
-    S = 2 * n_phases
-    slot_keys = np.unique(np.concatenate([
-        (ew.core * S + 2 * ew.phase), (xf.dst * S + 2 * xf.phase),
-        (tl.core * S + 2 * site_phase[tl.site]), (ps.dst * S + 2 * site_phase[ps.site] + 1),
-        (rt.src * S + 2 * rt.emit_phase)]).astype(np.int64))
-    slot = lambda core, phase, stage=0: np.searchsorted(slot_keys, np.asarray(core) * S + 2 * np.asarray(phase) + stage)  # noqa: E731
-
-    static = np.zeros((n_items, N_ACTIONS))
-    static_slot = np.zeros(len(slot_keys))
-    static_noc = np.zeros(n_phases)
-    # element-wise work
-    ei = item(ew.core, ew.layer)
-    np.add.at(static[:, A_NEURON], ei, ew.ops)
-    np.add.at(static[:, A_THRESH], ei, ew.compares)
-    np.add.at(static[:, A_SREAD], ei, ew.state_reads + ew.param_reads)
-    np.add.at(static[:, A_SWRITE], ei, ew.state_writes)
-    np.add.at(static_slot, slot(ew.core, ew.phase),
-              np.ceil((ew.ops + ew.compares + ew.state_reads + ew.state_writes + ew.param_reads) / npe) * npe_cyc)
-    # dense transfers
-    xflits = flits_for_pairs(xf.pairs, ppf, header, max_pairs)
-    np.add.at(static[:, A_NOC], item(xf.src, xf.layer), xflits * (xf.links - xf.chip_links))
-    np.add.at(static[:, A_CHIP], item(xf.src, xf.layer), xflits * xf.chip_links)
-    xd = item(xf.dst, xf.layer)
-    for a in (A_VALUE, A_SREAD, A_SWRITE):
-        np.add.at(static[:, a], xd, xf.pairs)
-    np.add.at(static_slot, slot(xf.dst, xf.phase), xf.pairs * ctrl)
-    if len(xf):
-        np.maximum.at(static_noc, xf.phase, xf.links * hop_cyc + xf.chip_links * chip_cyc
-                      + np.maximum(xflits - 1, 0) * cyc_flit)
-    # tiles: accumulators stored and read once per token
-    rows = (tl.row1 - tl.row0).astype(np.float64)
-    ti = item(tl.core, site_layer[tl.site])
-    np.add.at(static[:, A_SREAD], ti, rows)
-    np.add.at(static[:, A_SWRITE], ti, rows)
-    groups = np.ceil(rows / npe)
-    np.add.at(static_slot, slot(tl.core, site_phase[tl.site]), 2 * groups * npe_cyc)
-    words_per_weight = fmt.bits / arch.core.data_word_bits
-    instr = words_per_weight + (1.0 if binary_events else 2.0) / fmt.lanes
-    t_cyc = ctrl + groups * instr * npe_cyc
-    # partial sums, grouped by sending tile
-    tile_of = {(int(c), int(s)): i for i, (c, s) in enumerate(zip(tl.core, tl.site))}
-    p_tile = np.array([tile_of[(int(c), int(s))] for c, s in zip(ps.src, ps.site)], dtype=np.int64)
-    order = np.argsort(p_tile, kind="stable")
-    t_ptr = np.searchsorted(p_tile[order], np.arange(len(tl) + 1)).astype(np.int64)
-    pf = flits_for_pairs(ps.pairs, ppf, header, max_pairs).astype(np.float64)[order]
-    pl = ps.links[order].astype(np.float64)
-    pc = ps.chip_links[order].astype(np.float64)
-    pp = ps.pairs[order].astype(np.float64)
-    p_phase = site_phase[ps.site][order]
+    static, static_slot, static_noc = _static_work(P, ix, f, head)
+    tiles = _tile_arrays(P, ix, f, arch, binary_events, static, static_slot)
+    tl, rt, phase, layer = P.tiles, P.routes, P.sites.phase, P.sites.layer
     return CountTables(
         site_bit_offset=site_off.astype(np.int64), site_bytes=site_bytes.astype(np.int64),
         tile_lo=(site_off[tl.site] + tl.col0).astype(np.int64), tile_hi=(site_off[tl.site] + tl.col1).astype(np.int64),
         route_lo=(site_off[rt.site] + rt.ch0).astype(np.int64), route_hi=(site_off[rt.site] + rt.ch1).astype(np.int64),
-        static_counts=static, static_slot=static_slot, static_noc=static_noc,
-        t_item=ti.astype(np.int64), t_rows=rows, t_words=np.full(len(tl), words_per_weight),
-        t_slot=slot(tl.core, site_phase[tl.site]).astype(np.int64), t_cyc=t_cyc.astype(np.float64), t_ptr=t_ptr,
-        t_psum_on=np.bincount(p_tile[order], pf * (pl - pc), minlength=len(tl)),
-        t_psum_chip=np.bincount(p_tile[order], pf * pc, minlength=len(tl)),
-        p_src_item=item(ps.src, site_layer[ps.site])[order].astype(np.int64),
-        p_dst_item=item(ps.dst, site_layer[ps.site])[order].astype(np.int64),
-        p_pairs=pp, p_flits=pf, p_on=pl - pc, p_chip=pc,
-        p_slot=slot(ps.dst, site_phase[ps.site], 1)[order].astype(np.int64),
-        p_cyc=(pp * ctrl + np.ceil(pp / npe) * 3 * npe_cyc),
-        p_lat=pl * hop_cyc + pc * chip_cyc + np.maximum(pf - 1, 0) * cyc_flit, p_phase=p_phase.astype(np.int64),
-        r_src_item=item(rt.src, site_layer[rt.site]).astype(np.int64),
-        r_on=(rt.links - rt.chip_links).astype(np.float64), r_chip=rt.chip_links.astype(np.float64),
-        r_lat0=(rt.max_hops * hop_cyc + rt.max_chip_hops * chip_cyc).astype(np.float64),
-        r_phase=site_phase[rt.site].astype(np.int64), r_slot=slot(rt.src, rt.emit_phase).astype(np.int64),
-        slot_phase=((slot_keys % S) // 2).astype(np.int64), slot_stage=(slot_keys % 2).astype(np.int64),
-        core_item=item(np.arange(n_cores), P.cores.layer).astype(np.int64),
-        item_core=(ukeys // L1).astype(np.int64), item_layer=(ukeys % L1).astype(np.int64),
-        ppf=int(ppf), header=int(header), max_pairs=int(max_pairs), cyc_flit=float(cyc_flit),
-        evgen_cyc=float(evgen_cyc), energy=action_energies(arch, fmt.name, binary_events),
+        static_counts=static, static_slot=static_slot, static_noc=static_noc, **tiles, **_psum_arrays(P, ix, f, head),
+        r_src_item=ix.item(rt.src, layer[rt.site]), r_on=(rt.links - rt.chip_links).astype(np.float64),
+        r_chip=rt.chip_links.astype(np.float64), r_lat0=route_head_latency(P, head),
+        r_phase=phase[rt.site].astype(np.int64), r_slot=ix.slot(rt.src, rt.emit_phase),
+        slot_phase=((ix.slot_keys % ix.S) // 2).astype(np.int64), slot_stage=(ix.slot_keys % 2).astype(np.int64),
+        core_item=ix.item(np.arange(P.n_cores), P.cores.layer),
+        item_core=(ix.ukeys // ix.L1).astype(np.int64), item_layer=(ix.ukeys % ix.L1).astype(np.int64),
+        ppf=int(f.ppf), header=int(f.header), max_pairs=int(f.max_pairs), cyc_flit=float(f.cyc_flit),
+        evgen_cyc=float(f.evgen_cyc), energy=action_energies(arch, arch.fmt(P.meta["weight_format"]).name, binary_events),
     )
+
+
+def _static_work(P, ix: _Index, f: _Figs, head):
+    """Counts and cycles that every token repeats: element-wise work and dense copies."""
+    ew, xf = P.elementwise, P.transfers
+    static = np.zeros((len(ix.ukeys), N_ACTIONS))
+    static_slot = np.zeros(len(ix.slot_keys))
+    static_noc = np.zeros(len(P.phases))
+    ei = ix.item(ew.core, ew.layer)
+    np.add.at(static[:, A_NEURON], ei, ew.ops)
+    np.add.at(static[:, A_THRESH], ei, ew.compares)
+    np.add.at(static[:, A_SREAD], ei, ew.state_reads + ew.param_reads)
+    np.add.at(static[:, A_SWRITE], ei, ew.state_writes)
+    np.add.at(static_slot, ix.slot(ew.core, ew.phase),
+              np.ceil((ew.ops + ew.compares + ew.state_reads + ew.state_writes + ew.param_reads) / f.npe) * f.npe_cyc)
+    xflits = f.flits(xf.pairs)
+    np.add.at(static[:, A_NOC], ix.item(xf.src, xf.layer), xflits * (xf.links - xf.chip_links))
+    np.add.at(static[:, A_CHIP], ix.item(xf.src, xf.layer), xflits * xf.chip_links)
+    xd = ix.item(xf.dst, xf.layer)
+    for a in (A_VALUE, A_SREAD, A_SWRITE):
+        np.add.at(static[:, a], xd, xf.pairs)
+    np.add.at(static_slot, ix.slot(xf.dst, xf.phase), xf.pairs * f.ctrl)
+    # the sender generates every value it copies, once the value is final: after the phase before
+    np.add.at(static[:, A_EVGEN], ix.item(xf.src, xf.layer), xf.pairs)
+    np.add.at(static_slot, ix.slot(xf.src, ix.xf_send, 1), xf.pairs * f.evgen_cyc)
+    if len(xf):
+        np.maximum.at(static_noc, xf.phase, head(xf.links, xf.chip_links) + np.maximum(xflits - 1, 0) * f.cyc_flit)
+    return static, static_slot, static_noc
+
+
+def _tile_arrays(P, ix: _Index, f: _Figs, arch, binary_events: bool, static, static_slot) -> dict:
+    """Per tile: its item, rows, weight words, cycles per event, and its partial sums (grouped by
+    sending tile); accumulators are stored and read once per token (added to the static counts)."""
+    tl, ps, phase, layer = P.tiles, P.psums, P.sites.phase, P.sites.layer
+    fmt = arch.fmt(P.meta["weight_format"])
+    rows = (tl.row1 - tl.row0).astype(np.float64)
+    ti = ix.item(tl.core, layer[tl.site])
+    np.add.at(static[:, A_SREAD], ti, rows)
+    np.add.at(static[:, A_SWRITE], ti, rows)
+    groups = np.ceil(rows / f.npe)
+    np.add.at(static_slot, ix.slot(tl.core, phase[tl.site]), 2 * groups * f.npe_cyc)
+    words_per_weight = fmt.bits / arch.core.data_word_bits
+    instr = words_per_weight + (1.0 if binary_events else 2.0) / fmt.lanes
+    p_tile, order = _psum_tiles(P)
+    pf = f.flits(ps.pairs).astype(np.float64)[order]
+    pl, pc = ps.links[order].astype(np.float64), ps.chip_links[order].astype(np.float64)
+    by_tile = lambda v: np.bincount(p_tile[order], v, minlength=len(tl))  # noqa: E731
+    return dict(t_item=ti, t_rows=rows, t_words=np.full(len(tl), words_per_weight),
+                t_slot=ix.slot(tl.core, phase[tl.site]), t_cyc=(f.ctrl + groups * instr * f.npe_cyc).astype(np.float64),
+                t_ptr=np.searchsorted(p_tile[order], np.arange(len(tl) + 1)).astype(np.int64),
+                t_psum_on=by_tile(pf * (pl - pc)), t_psum_chip=by_tile(pf * pc),
+                t_psum_pairs=by_tile(ps.pairs[order].astype(np.float64)),
+                p_src_slot=ix.slot(tl.core[p_tile[order]], phase[tl.site[p_tile[order]]]))
+
+
+def _psum_tiles(P) -> tuple[np.ndarray, np.ndarray]:
+    """The sending tile of every partial-sum message, and the messages' order grouped by tile."""
+    tl, ps = P.tiles, P.psums
+    tile_of = {(int(c), int(s)): i for i, (c, s) in enumerate(zip(tl.core, tl.site))}
+    p_tile = np.array([tile_of[(int(c), int(s))] for c, s in zip(ps.src, ps.site)], dtype=np.int64)
+    return p_tile, np.argsort(p_tile, kind="stable")
+
+
+def _psum_arrays(P, ix: _Index, f: _Figs, head) -> dict:
+    """Per partial-sum message (grouped by sending tile): items, pairs, flits, links, cycles, latency."""
+    ps, phase, layer = P.psums, P.sites.phase, P.sites.layer
+    _, order = _psum_tiles(P)
+    pf = f.flits(ps.pairs).astype(np.float64)[order]
+    pl, pc = ps.links[order].astype(np.float64), ps.chip_links[order].astype(np.float64)
+    pp = ps.pairs[order].astype(np.float64)
+    return dict(p_src_item=ix.item(ps.src, layer[ps.site])[order], p_dst_item=ix.item(ps.dst, layer[ps.site])[order],
+                p_pairs=pp, p_flits=pf, p_on=pl - pc, p_chip=pc, p_slot=ix.slot(ps.dst, phase[ps.site], 1)[order],
+                p_cyc=(pp * f.ctrl + np.ceil(pp / f.npe) * 3 * f.npe_cyc),
+                p_lat=head(pl, pc) + np.maximum(pf - 1, 0) * f.cyc_flit, p_phase=phase[ps.site][order].astype(np.int64))
+
+
+def _head_latency(arch):
+    """Cycles a message's head takes over ``hops`` router-to-router links, ``crossings`` of them
+    across a chip boundary, from the sending core's injection port to the receiving core's
+    ejection port: ``seneca_sim.network.analytic_latency`` for one flit on the meshes
+    ``mesh_from_arch`` builds (every link and port at ``cycles_per_hop_per_flit``, every router
+    ``router_latency_cycles``, every crossing ``inter_chip_latency_cycles`` more). Each further
+    flit adds ``cycles_per_hop_per_flit``."""
+    c, r = arch.noc.cycles_per_hop_per_flit, arch.noc.router_latency_cycles
+    lat = arch.noc.inter_chip_latency_cycles
+
+    def head(hops, crossings):
+        hops = np.asarray(hops, dtype=np.float64)
+        return (hops + 2) * c + (hops + 1) * r + np.asarray(crossings, dtype=np.float64) * lat
+    return head
+
+
+def route_head_latency(program, head) -> np.ndarray:
+    """Per multicast route, the head latency to its farthest destination (the largest
+    :func:`_head_latency` over the route's destinations, each by its own hops and crossings)."""
+    cores, rt, rd = program.cores, program.routes, program.route_dests
+    cols, rows = int(program.meta["mesh_cols"]), int(program.meta["mesh_rows"])
+    gx, gy = cores.gx.astype(np.int64), cores.gy.astype(np.int64)
+    s, d = rt.src[rd.route].astype(np.int64), rd.core.astype(np.int64)
+    hops = np.abs(gx[d] - gx[s]) + np.abs(gy[d] - gy[s])
+    crossings = np.abs(gx[d] // cols - gx[s] // cols) + np.abs(gy[d] // rows - gy[s] // rows)
+    out = np.zeros(len(rt))
+    np.maximum.at(out, rd.route.astype(np.int64), head(hops, crossings))
+    return out
 
 
 # ------------------------------------------------------------------------------- the masks
@@ -458,6 +542,7 @@ def run_kernels(bits: np.ndarray, tb: CountTables, n_layers: int, n_phases: int,
     tok_item = np.zeros((T, len(tb.item_layer), N_ACTIONS) if keep_items else (0, 0, 0), dtype=np.float64)
     token_actions(ev_t, ev_r, tb.static_slot, tb.static_noc,
                   tb.t_item, tb.t_rows, tb.t_words, tb.t_slot, tb.t_cyc, tb.t_ptr, tb.t_psum_on, tb.t_psum_chip,
+                  tb.t_psum_pairs,
                   tb.p_dst_item, tb.p_pairs, tb.p_slot, tb.p_cyc, tb.p_lat, tb.p_phase,
                   tb.r_src_item, tb.r_on, tb.r_chip, tb.r_lat0, tb.r_phase, tb.r_slot,
                   tb.slot_phase, tb.slot_stage, tb.core_item, tb.item_layer, tb.ppf, tb.header, tb.max_pairs,
@@ -485,7 +570,7 @@ def run_numpy(bits: np.ndarray, tb: CountTables):
 
 # ------------------------------------------------------------------------------- simulate
 def simulate(program, trace=None, arch=None, *, dense: bool = False, natural=None, binary_events: bool = False,
-             per_core: bool | None = None, chunk: int = 256, n_tokens: int | None = None):
+             per_core: bool | None = None, chunk: int = 256, n_tokens: int | None = None, fetch=None):
     """Count every action of every token of ``trace`` on ``program`` (see module docstring).
 
     ``dense=True`` (or ``trace=None``): every activation is an event (``n_tokens`` tokens, default 1).
@@ -493,9 +578,12 @@ def simulate(program, trace=None, arch=None, *, dense: bool = False, natural=Non
     The dense baseline is always computed (one token: it does not depend on the data).
     ``binary_events``: price synaptic work as accumulates (spikes) instead of MACs.
     ``per_core``: keep token x core detail (default: when it stays under ~20M numbers).
+    ``fetch``: a :class:`seneca_sim.fetch.FetchPlan` for the streamed matrices of the program
+    (default ``demand``; ignored when every weight is on its core). The dense baseline streams
+    every weight every token (``dense``); the natural one fetches on demand.
     """
     from seneca_sim.arch import default_arch
-    from seneca_sim.report import Report
+    from seneca_sim.fetch import FetchPlan, build_fetch_tables
 
     arch = default_arch() if arch is None else arch
     if str(program.meta.get("arch_fingerprint")) != arch.fingerprint():
@@ -509,45 +597,104 @@ def simulate(program, trace=None, arch=None, *, dense: bool = False, natural=Non
         T = int(trace.n_tokens)
     else:
         trace, T = None, int(n_tokens or 1)
-    tb = build_tables(program, arch, binary_events)
-    L1 = int(program.meta["n_layer"]) + 1
-    P = len(program.phases)
-    keep = (T * len(tb.item_layer) * N_ACTIONS <= 20_000_000) if per_core is None else bool(per_core)
-    tok_layer = np.zeros((T, L1, N_ACTIONS))
-    item_tot = np.zeros((len(tb.item_layer), N_ACTIONS))
-    phase_cyc = np.zeros((T, P))
-    tok_item = np.zeros((T, len(tb.item_layer), N_ACTIONS), dtype=np.float32) if keep else None
-    dense_sites: list[str] = []
-    for a in range(0, T, chunk):
-        b = min(T, a + chunk)
-        bits, dense_sites = packed_masks(program, trace, a, b)
-        tl, it, pc, ti = run_kernels(bits, tb, L1, P, keep)
-        tok_layer[a:b], phase_cyc[a:b] = tl, pc
-        item_tot += it
-        if keep:
-            tok_item[a:b] = ti
-    dense_ref = _reference(program, None, tb, L1, P)
-    natural_ref = _reference(program, natural, tb, L1, P) if natural is not None else None
-    return Report.from_counts(program=program, arch=arch, tables=tb, tok_layer=tok_layer, item_tot=item_tot,
-                              phase_cycles=phase_cyc, tok_item=tok_item, dense=dense_ref, natural=natural_ref,
-                              trace_name=getattr(trace, "model", "dense") if trace is not None else "dense",
-                              assumed_dense_sites=dense_sites if trace is not None else [],
-                              binary_events=binary_events)
+    run = _Run(program, build_tables(program, arch, binary_events), build_fetch_tables(program, arch))
+    plan = run.check_plan(fetch or FetchPlan("demand"), trace)
+    keep = (T * len(run.tb.item_layer) * N_ACTIONS <= 20_000_000) if per_core is None else bool(per_core)
+    tok_layer, item_tot, phase_cyc, tok_item, dense_sites = run.count(trace, T, plan, keep, chunk)
+    dense_ref = run.reference(None, FetchPlan("dense"))
+    natural_ref = run.reference(natural, FetchPlan("demand")) if natural is not None else None
+    report = Report.from_counts(program=program, arch=arch, tables=run.tb, tok_layer=tok_layer, item_tot=item_tot,
+                                phase_cycles=phase_cyc, tok_item=tok_item, dense=dense_ref, natural=natural_ref,
+                                trace_name=getattr(trace, "model", "dense") if trace is not None else "dense",
+                                assumed_dense_sites=dense_sites if trace is not None else [],
+                                binary_events=binary_events)
+    report.meta["fetch"] = plan.label if run.ft is not None else "on core"
+    report.meta["streamed"] = list(program.meta.get("streamed", []))
+    return report
 
 
-def _reference(program, trace, tb: CountTables, L1: int, P: int) -> dict:
-    """Per-token means of a baseline run (dense when ``trace`` is None): counts by action, energy, cycles."""
-    T = 1 if trace is None else int(trace.n_tokens)
-    tot = np.zeros(N_ACTIONS)
-    cyc = np.zeros(P)
-    for a in range(0, T, 256):
-        bits, _ = packed_masks(program, trace, a, min(T, a + 256))
-        tl, _, pc, _ = run_kernels(bits, tb, L1, P, False)
-        tot += tl.sum(axis=(0, 1))
-        cyc += pc.sum(axis=0)
-    counts = tot / T
-    return {"counts": counts, "energy_pj": float(counts @ tb.energy), "latency_cycles": float(cyc.sum() / T),
-            "phase_cycles": cyc / T, "n_tokens": T}
+class _Run:
+    """One Program's counting: the kernels over chunks of tokens, then the streamed weights' fetches."""
+
+    def __init__(self, program, tb: CountTables, ft):
+        self.program, self.tb, self.ft = program, tb, ft
+        self.L1 = int(program.meta["n_layer"]) + 1
+        self.P = len(program.phases)
+
+    def check_plan(self, plan, trace):
+        if self.ft is None or plan.policy != "prefetch":
+            return plan
+        streamed = [self.program.site_names[s] for s in np.flatnonzero(np.asarray(self.program.sites.streamed))]
+        missing = [s for s in streamed if s not in plan.predicted.masks]
+        if missing:
+            raise ValueError(f"the prefetch prediction has no site {missing[0]!r}, which the program streams")
+        if trace is not None and int(plan.predicted.n_tokens) != int(trace.n_tokens):
+            raise ValueError(f"the prediction covers {plan.predicted.n_tokens} tokens, the trace {trace.n_tokens}")
+        return plan
+
+    def count(self, trace, T: int, plan, keep: bool, chunk: int):
+        tb, L1, P = self.tb, self.L1, self.P
+        tok_layer = np.zeros((T, L1, N_ACTIONS))
+        item_tot = np.zeros((len(tb.item_layer), N_ACTIONS))
+        phase_cyc = np.zeros((T, P))
+        tok_item = np.zeros((T, len(tb.item_layer), N_ACTIONS), dtype=np.float32) if keep else None
+        dense_sites: list[str] = []
+        free = None
+        for a in range(0, T, chunk):
+            b = min(T, a + chunk)
+            bits, dense_sites = packed_masks(self.program, trace, a, b)
+            tl, it, pc, ti = run_kernels(bits, tb, L1, P, keep)
+            if self.ft is not None:
+                free = self.fetch(plan, bits, a, b, tl, it, pc, ti, free)
+            tok_layer[a:b], phase_cyc[a:b] = tl, pc
+            item_tot += it
+            if keep:
+                tok_item[a:b] = ti
+        return tok_layer, item_tot, phase_cyc, tok_item, dense_sites
+
+    def reference(self, trace, plan) -> dict:
+        """Per-token means of a baseline run (dense when ``trace`` is None): counts by action, energy, cycles."""
+        T = 1 if trace is None else int(trace.n_tokens)
+        tl, _, pc, _, _ = self.count(trace, T, plan, False, 256)
+        counts = tl.sum(axis=(0, 1)) / T
+        return {"counts": counts, "energy_pj": float(counts @ self.tb.energy),
+                "latency_cycles": float(pc.sum() / T), "phase_cycles": pc.sum(axis=0) / T, "n_tokens": T}
+
+    def fetch(self, plan, bits, a: int, b: int, tl, it, pc, ti, free):
+        """Book the fetches of tokens ``a:b`` (energy, cycles, leakage) into the kernels' counts."""
+        from seneca_sim.fetch import fetch_timeline, fetched_columns, per_chip_phase
+        ft, tb = self.ft, self.tb
+        ev_t, _ = count_events(bits, tb)
+        pred_t = miss_t = None
+        if plan.policy == "prefetch":
+            pbits, _ = packed_masks(self.program, plan.predicted, a, b)
+            pred_t, _ = count_events(pbits, tb)
+            miss_t, _ = count_events(np.ascontiguousarray(bits & ~pbits), tb)
+        dem, ahead = fetched_columns(plan, ft, ev_t, pred_t, miss_t)
+        dem, ahead = dem * ft.col_bits, ahead * ft.col_bits
+        items = tb.t_item[ft.tile]
+        _book_columns(tl, it, ti, items, tb.item_layer, A_SHARED, dem + ahead)
+        _book_columns(tl, it, ti, items, tb.item_layer, A_BUFW, (dem + ahead) / ft.word_bits)
+        if plan.predictor_macs:  # priced as MACs with their weight reads, on the first streamed tile's core
+            w = np.full((b - a, 1), float(plan.predictor_macs))
+            for action, per in ((A_MAC, 1.0), (A_WREAD, float(np.mean(tb.t_words)))):
+                _book_columns(tl, it, ti, items[:1], tb.item_layer, action, w * per)
+        extra = np.zeros_like(pc)
+        free = np.zeros(ft.n_chips) if free is None else free
+        free = fetch_timeline(pc, per_chip_phase(dem, ft, self.P), per_chip_phase(ahead, ft, self.P),
+                              ft.latency, ft.bandwidth, free, extra)
+        pc += extra
+        leak = np.repeat(extra.sum(axis=1, keepdims=True), len(tb.core_item), axis=1)  # every core, every cycle
+        _book_columns(tl, it, ti, tb.core_item, tb.item_layer, A_LEAK, leak)
+        return free
+
+
+def _book_columns(tok_layer, item_tot, tok_item, items, item_layer, action: int, values: np.ndarray) -> None:
+    """Add ``values [T, n]`` of ``action`` on ``items [n]`` to the three count arrays."""
+    np.add.at(tok_layer[:, :, action], (slice(None), item_layer[items]), values)
+    np.add.at(item_tot[:, action], items, values.sum(axis=0))
+    if tok_item is not None and tok_item.size:
+        np.add.at(tok_item[:, :, action], (slice(None), items), values)
 
 
 def synthetic_trace(program, n_tokens: int, sparsity: float | dict = 0.6, seed: int = 0, name: str = "synthetic"):

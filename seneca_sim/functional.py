@@ -2,9 +2,18 @@
 can be compared with the model's. It is the proof that compilation is complete.
 
 ``run_functional(program, weights, tokens, thresholds, fmt=...)`` loads every tile the Program
-places into its core's local memory (taken from the model's state dict, converted to the weight
-format: ``"bf16"`` rounds float32 to bfloat16, round to nearest even, and the NPEs accumulate in
-float32; ``"float32"`` keeps the weights exact) and runs the tokens one by one with carried state:
+places into its core's local memory (taken from the model's state dict) and runs the tokens one by
+one with carried state. Number formats of the mat-vec datapath (``fmt``):
+
+* ``"float32"``: exact weights, float32 arithmetic (the check of the mapping alone);
+* ``"bf16"``: the chip as the compiler and the energy table budget it (weights and
+  ``state_format`` bfloat16): weights, the event values, every product and every accumulation
+  (tiles, partial sums, the owners' reduction) are rounded to bfloat16, round to nearest even,
+  exactly as torch's bfloat16 arithmetic rounds each operation;
+* ``"bf16_weights"``: bfloat16 weights with float32 accumulation, to tell the weights' share of
+  the error from the accumulators'.
+
+The neuron work stays float32 in every format (it is not what this simulator checks):
 
 * **neuron work** (embedding row, LayerNorms, token shift + time mixes, sigmoid, squared ReLU, the
   WKV update in the ``(aa, bb, pp)`` form, residual adds): vectorized numpy over the whole vector,
@@ -39,7 +48,7 @@ from numba import njit
 __all__ = ["FORMATS", "FunctionalResult", "FunctionalChip", "load_chip", "run_functional", "to_bf16",
            "deliver_events", "deliver_events_numpy", "reduce_rows", "reduce_rows_numpy"]
 
-FORMATS = ("float32", "bf16")
+FORMATS = ("float32", "bf16", "bf16_weights")
 NEG_INF = -1e38  # empty WKV state, as rllm.wkv: exp() of it is 0
 
 
@@ -53,16 +62,27 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ kernels
+@njit(cache=True, inline="always")
+def _bf16_bits(u):
+    """The bits of the bfloat16 nearest the float32 with bits ``u`` (ties to even; NaN kept)."""
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return u
+    return (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+
+
 @njit(cache=True)
 def deliver_events(ev_idx, ev_val, chan_ptr, chan_tile, tile_woff, tile_rows, tile_col0, tile_aoff,
-                   weights, acc, tile_events):
+                   weights, acc, tile_events, bf16):
     """Each event ``(ev_idx[e], ev_val[e])`` goes to the tiles ``chan_tile[chan_ptr[c]:chan_ptr[c+1]]``
-    its channel is routed to; a tile adds ``value x`` its weight column into its accumulators.
+    its channel is routed to; a tile adds ``value x`` its weight column into its accumulators
+    (``bf16``: the product and the sum each rounded to bfloat16).
 
     Tile ``i`` stores its columns contiguously: column ``c`` is ``weights[tile_woff[i] + (c -
     tile_col0[i]) * tile_rows[i]:][:tile_rows[i]]``; its accumulators start at ``acc[tile_aoff[i]]``.
     ``tile_events[i]`` counts the events tile ``i`` received.
     """
+    prod = np.zeros(1, np.float32)
+    prod_bits, acc_bits = prod.view(np.uint32), acc.view(np.uint32)
     for e in range(ev_idx.shape[0]):
         c = ev_idx[e]
         v = ev_val[e]
@@ -71,33 +91,49 @@ def deliver_events(ev_idx, ev_val, chan_ptr, chan_tile, tile_woff, tile_rows, ti
             R = tile_rows[i]
             w0 = tile_woff[i] + (c - tile_col0[i]) * R
             a0 = tile_aoff[i]
-            for r in range(R):
-                acc[a0 + r] += v * weights[w0 + r]
+            if bf16:
+                for r in range(R):
+                    prod[0] = v * weights[w0 + r]
+                    prod_bits[0] = _bf16_bits(prod_bits[0])
+                    acc[a0 + r] += prod[0]
+                    acc_bits[a0 + r] = _bf16_bits(acc_bits[a0 + r])
+            else:
+                for r in range(R):
+                    acc[a0 + r] += v * weights[w0 + r]
             tile_events[i] += 1
 
 
 def deliver_events_numpy(ev_idx, ev_val, chan_ptr, chan_tile, tile_woff, tile_rows, tile_col0, tile_aoff,
-                         weights, acc, tile_events) -> None:
-    """Plain-numpy twin of :func:`deliver_events` (same order of float32 additions)."""
+                         weights, acc, tile_events, bf16) -> None:
+    """Plain-numpy twin of :func:`deliver_events` (the same float32 operations and roundings, in order)."""
+    rnd = to_bf16 if bf16 else (lambda a: a)
     for c, v in zip(ev_idx.tolist(), ev_val):
         for i in chan_tile[chan_ptr[c]:chan_ptr[c + 1]].tolist():
             R = int(tile_rows[i])
             w0 = int(tile_woff[i]) + (c - int(tile_col0[i])) * R
             a0 = int(tile_aoff[i])
-            acc[a0:a0 + R] += v * weights[w0:w0 + R]
+            acc[a0:a0 + R] = rnd(acc[a0:a0 + R] + rnd(v * weights[w0:w0 + R]))
             tile_events[i] += 1
 
 
 @njit(cache=True)
-def reduce_rows(acc, src, dst, out):
-    """``out[dst[k]] += acc[src[k]]`` in order: owners add their own and received partial sums."""
+def reduce_rows(acc, src, dst, out, bf16):
+    """``out[dst[k]] += acc[src[k]]`` in order: owners add their own and received partial sums
+    (``bf16``: each sum rounded to bfloat16)."""
+    out_bits = out.view(np.uint32)
     for k in range(src.shape[0]):
         out[dst[k]] += acc[src[k]]
+        if bf16:
+            out_bits[dst[k]] = _bf16_bits(out_bits[dst[k]])
 
 
-def reduce_rows_numpy(acc, src, dst, out) -> None:
+def reduce_rows_numpy(acc, src, dst, out, bf16) -> None:
     """Plain-numpy twin of :func:`reduce_rows`."""
-    np.add.at(out, dst, acc[src])
+    if not bf16:
+        np.add.at(out, dst, acc[src])
+        return
+    for s, d in zip(src.tolist(), dst.tolist()):
+        out[d:d + 1] = to_bf16(out[d:d + 1] + acc[s:s + 1])
 
 
 # ------------------------------------------------------------------------- one matrix on cores
@@ -115,7 +151,7 @@ class SiteImage:
     tile_col0: np.ndarray
     tile_woff: np.ndarray    # [n] offset of each tile's (column-major) block in ``weights``
     tile_aoff: np.ndarray    # [n] offset of each tile's accumulators in an accumulator vector
-    weights: np.ndarray      # float32, all tiles' weights (bf16 values in bf16 mode)
+    weights: np.ndarray      # float32, all tiles' weights (bf16 values in the bf16 formats)
     n_acc: int
     chan_ptr: np.ndarray     # [in_dim + 1] CSR: channel -> tiles its events are delivered to
     chan_tile: np.ndarray
@@ -131,33 +167,48 @@ class SiteImage:
 
 
 def _site_image(P, s: int, W: np.ndarray, fmt: str) -> SiteImage:
-    name = P.site_names[s]
-    R, N = int(P.sites.out_dim[s]), int(P.sites.in_dim[s])
     tl = P.tiles
     ti = np.flatnonzero(tl.site == s)
     core, r0, r1, c0, c1 = (np.asarray(a[ti], dtype=np.int64) for a in (tl.core, tl.row0, tl.row1, tl.col0, tl.col1))
-    rows, cols = r1 - r0, c1 - c0
-    # local memory: each tile's block, column-major so an event reads one contiguous column slice
-    sizes = rows * cols
-    woff = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    weights = np.empty(int(sizes.sum()), dtype=np.float32)
-    for i in range(len(ti)):
-        weights[woff[i]:woff[i] + sizes[i]] = W[r0[i]:r1[i], c0[i]:c1[i]].T.reshape(-1)
-    if fmt == "bf16":
-        weights = to_bf16(weights)
-    aoff = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
-
-    # delivery: route r sends channels [ch0, ch1) to its destination cores; there, every tile of
-    # this matrix whose columns include the channel takes the event
-    rt = P.routes
-    ri = np.flatnonzero(rt.site == s)
-    ptr = P.route_dest_ptr()
-    pairs_c: list[np.ndarray] = []
-    pairs_t: list[np.ndarray] = []
+    R, N = int(P.sites.out_dim[s]), int(P.sites.in_dim[s])
+    woff, weights, aoff = _local_memories(W, core, r0, r1, c0, c1, fmt)
     by_core: dict[int, list[int]] = {}
     for i, c in enumerate(core.tolist()):
         by_core.setdefault(c, []).append(i)
-    for r in ri:
+    chan_ptr, chan_tile = _delivery(P, s, N, c0, c1, by_core)
+    red_src, red_dst, unowned, psum_tile, psum_rows = _reduction(P, s, R, r0, r1, aoff, by_core)
+    rt = P.routes
+    ri = np.flatnonzero(rt.site == s)
+    return SiteImage(
+        name=P.site_names[s], out_dim=R, in_dim=N, tile_core=core, tile_rows=r1 - r0, tile_row0=r0, tile_col0=c0,
+        tile_woff=woff, tile_aoff=aoff, weights=weights, n_acc=int((r1 - r0).sum()), chan_ptr=chan_ptr,
+        chan_tile=chan_tile, red_src=red_src, red_dst=red_dst, unowned=unowned,
+        route_src=np.asarray(rt.src[ri], dtype=np.int64), route_ch0=np.asarray(rt.ch0[ri], dtype=np.int64),
+        route_ch1=np.asarray(rt.ch1[ri], dtype=np.int64), psum_tile=psum_tile,
+        psum_dst=np.asarray(P.psums.dst[np.flatnonzero(P.psums.site == s)], dtype=np.int64), psum_pairs=psum_rows)
+
+
+def _local_memories(W, core, r0, r1, c0, c1, fmt: str):
+    """Each tile's block of ``W``, column-major so an event reads one contiguous column slice:
+    (offset of each block, all blocks, offset of each tile's accumulators)."""
+    rows, cols = r1 - r0, c1 - c0
+    sizes = rows * cols
+    woff = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    weights = np.empty(int(sizes.sum()), dtype=np.float32)
+    for i in range(len(core)):
+        weights[woff[i]:woff[i] + sizes[i]] = W[r0[i]:r1[i], c0[i]:c1[i]].T.reshape(-1)
+    if fmt != "float32":
+        weights = to_bf16(weights)
+    return woff, weights, np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+
+
+def _delivery(P, s: int, N: int, c0, c1, by_core) -> tuple[np.ndarray, np.ndarray]:
+    """CSR channel -> tiles: route r sends channels [ch0, ch1) to its destination cores; there,
+    every tile of this matrix whose columns include the channel takes the event."""
+    rt, ptr = P.routes, P.route_dest_ptr()
+    pairs_c: list[np.ndarray] = []
+    pairs_t: list[np.ndarray] = []
+    for r in np.flatnonzero(rt.site == s):
         a, b = int(rt.ch0[r]), int(rt.ch1[r])
         for d in P.route_dests.core[ptr[r]:ptr[r + 1]].tolist():
             for i in by_core.get(int(d), ()):
@@ -168,50 +219,46 @@ def _site_image(P, s: int, W: np.ndarray, fmt: str) -> SiteImage:
     ch = np.concatenate(pairs_c) if pairs_c else np.zeros(0, np.int64)
     tt = np.concatenate(pairs_t) if pairs_t else np.zeros(0, np.int64)
     order = np.lexsort((tt, ch))
-    ch, tt = ch[order], tt[order]
-    chan_ptr = np.searchsorted(ch, np.arange(N + 1)).astype(np.int64)
+    return np.searchsorted(ch[order], np.arange(N + 1)).astype(np.int64), tt[order]
 
-    # reduction: an owner of rows [o0, o1) adds its own tile's accumulators for those rows, then the
-    # partial sums it receives: from each psum message, the sender's rows that this owner owns
+
+def _reduction(P, s: int, R: int, r0, r1, aoff, by_core):
+    """How owners finalize rows: an owner of rows [o0, o1) adds its own tile's accumulators for
+    them, then the partial sums it receives (from each psum message, the sender's rows it owns).
+    Returns (accumulator index, output row) pairs in order, the rows nobody owns, and per message
+    its sending tile (-1: none) and rows."""
     ow = P.owners
-    oi = np.flatnonzero(ow.site == s)
     owned = np.zeros(R, dtype=np.int64)
     red_src: list[np.ndarray] = []
     red_dst: list[np.ndarray] = []
     own_rows: dict[int, list[tuple[int, int]]] = {}
-    for k in oi:
+
+    def add(i, lo, hi):
+        red_src.append(aoff[i] + np.arange(lo - r0[i], hi - r0[i]))
+        red_dst.append(np.arange(lo, hi))
+
+    for k in np.flatnonzero(ow.site == s):
         oc, o0, o1 = int(ow.core[k]), int(ow.row0[k]), int(ow.row1[k])
         owned[o0:o1] += 1
         own_rows.setdefault(oc, []).append((o0, o1))
         for i in by_core.get(oc, ()):
             lo, hi = max(o0, int(r0[i])), min(o1, int(r1[i]))
             if hi > lo:
-                red_src.append(aoff[i] + np.arange(lo - r0[i], hi - r0[i]))
-                red_dst.append(np.arange(lo, hi))
+                add(i, lo, hi)
     ps = P.psums
     pi = np.flatnonzero(ps.site == s)
     psum_tile = np.full(len(pi), -1, dtype=np.int64)
     psum_rows = np.zeros(len(pi), dtype=np.int64)
     for m, k in enumerate(pi):
-        src, dst = int(ps.src[k]), int(ps.dst[k])
-        n = 0
-        for i in by_core.get(src, ()):
+        for i in by_core.get(int(ps.src[k]), ()):
             psum_tile[m] = i
-            for o0, o1 in own_rows.get(dst, ()):
+            for o0, o1 in own_rows.get(int(ps.dst[k]), ()):
                 lo, hi = max(o0, int(r0[i])), min(o1, int(r1[i]))
                 if hi > lo:
-                    red_src.append(aoff[i] + np.arange(lo - r0[i], hi - r0[i]))
-                    red_dst.append(np.arange(lo, hi))
-                    n += hi - lo
-        psum_rows[m] = n
+                    add(i, lo, hi)
+                    psum_rows[m] += hi - lo
     cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)  # noqa: E731
-    return SiteImage(
-        name=name, out_dim=R, in_dim=N, tile_core=core, tile_rows=rows, tile_row0=r0, tile_col0=c0,
-        tile_woff=woff, tile_aoff=aoff, weights=weights, n_acc=int(rows.sum()), chan_ptr=chan_ptr, chan_tile=tt,
-        red_src=cat(red_src), red_dst=cat(red_dst), unowned=np.flatnonzero(owned == 0),
-        route_src=np.asarray(rt.src[ri], dtype=np.int64), route_ch0=np.asarray(rt.ch0[ri], dtype=np.int64),
-        route_ch1=np.asarray(rt.ch1[ri], dtype=np.int64), psum_tile=psum_tile,
-        psum_dst=np.asarray(ps.dst[pi], dtype=np.int64), psum_pairs=psum_rows)
+    return cat(red_src), cat(red_dst), np.flatnonzero(owned == 0), psum_tile, psum_rows
 
 
 # ------------------------------------------------------------------------------- the results
@@ -223,7 +270,8 @@ class FunctionalResult:
     ``undelivered [T, n_sites]`` (fired inputs that reached no tile). Per token and core:
     ``events_in`` (one per event per destination tile, as the counting simulator's event_ingest),
     ``macs`` (events x rows of the tile), ``events_out`` (events the core emits on its routes),
-    ``psums_in`` (partial sums received; a tile sends only when it received an event that token).
+    ``psums_in`` (partial sums received; a tile sends only when it received an event that token),
+    ``psums_out`` (partial sums sent, on the sending core).
     ``masks[site]``: which inputs fired, bit-packed as in :class:`rllm.events.EventTrace`.
     """
 
@@ -236,6 +284,7 @@ class FunctionalResult:
     macs: np.ndarray
     events_out: np.ndarray
     psums_in: np.ndarray
+    psums_out: np.ndarray
     masks: dict[str, np.ndarray]
     fmt: str
 
@@ -259,10 +308,10 @@ class FunctionalResult:
                           tokens=None if tokens is None else np.asarray(tokens, dtype=np.int32))
 
     def core_totals(self) -> pd.DataFrame:
-        """Per core, summed over tokens: events received, MACs, events sent, partial sums received."""
+        """Per core, summed over tokens: events received, MACs, events sent, partial sums received and sent."""
         return pd.DataFrame({"core": np.arange(self.events_in.shape[1]), "events_in": self.events_in.sum(0),
                              "macs": self.macs.sum(0), "events_out": self.events_out.sum(0),
-                             "psums_in": self.psums_in.sum(0)})
+                             "psums_in": self.psums_in.sum(0), "psums_out": self.psums_out.sum(0)})
 
 
 # ---------------------------------------------------------------------------------- the chip
@@ -289,6 +338,11 @@ class FunctionalChip:
         m = program.meta
         self.program = program
         self.fmt = fmt
+        self.bf16_acc = fmt == "bf16"
+        state = str(program.meta.get("state_format", "bf16"))
+        if self.bf16_acc and state != "bf16":
+            raise ValueError(f"fmt='bf16' models bfloat16 accumulators, but the program keeps its state in {state}; "
+                             "use fmt='bf16_weights' (float32 accumulation) or 'float32'")
         self.L, self.C, self.F, self.V = (int(m[k]) for k in ("n_layer", "n_embd", "ffn_dim", "vocab_size"))
         self.eps = float(m.get("layer_norm_eps", 1e-5))
         self._deliver = deliver_events if kernel == "numba" else deliver_events_numpy
@@ -305,6 +359,7 @@ class FunctionalChip:
             self.head_weight = self._matrix(weights, "head", self.V, self.C)
         self.thresholds: dict[str, np.ndarray] = {}
         self.reset()
+        self._counters()
 
     # --- loading ------------------------------------------------------------------------------
     def _matrix(self, weights, site: str, R: int, N: int) -> np.ndarray:
@@ -373,6 +428,7 @@ class FunctionalChip:
         self.c_macs = np.zeros(n_cores, np.int64)
         self.c_out = np.zeros(n_cores, np.int64)
         self.c_psum = np.zeros(n_cores, np.int64)
+        self.c_psum_out = np.zeros(n_cores, np.int64)
         self.c_masks: dict[str, np.ndarray] = {}
 
     def matvec(self, site: str, x: np.ndarray) -> np.ndarray:
@@ -389,12 +445,14 @@ class FunctionalChip:
         img = self.images[site]
         s = self.site_index[site]
         ev_val = np.ascontiguousarray(x[ev_idx], dtype=np.float32)
+        if self.bf16_acc:  # an event carries its value in the state format
+            ev_val = to_bf16(ev_val)
         acc = np.zeros(img.n_acc, np.float32)
         tile_ev = np.zeros(len(img.tile_rows), np.int64)
         self._deliver(ev_idx, ev_val, img.chan_ptr, img.chan_tile, img.tile_woff, img.tile_rows, img.tile_col0,
-                      img.tile_aoff, img.weights, acc, tile_ev)
+                      img.tile_aoff, img.weights, acc, tile_ev, self.bf16_acc)
         out = np.zeros(img.out_dim, np.float32)
-        self._reduce(acc, img.red_src, img.red_dst, out)
+        self._reduce(acc, img.red_src, img.red_dst, out, self.bf16_acc)
         out[img.unowned] = np.nan
         # counts
         self.c_events[s] += ev_idx.size
@@ -405,6 +463,7 @@ class FunctionalChip:
         np.add.at(self.c_out, img.route_src, cs[img.route_ch1] - cs[img.route_ch0])
         sent = (img.psum_tile >= 0) & (tile_ev[np.maximum(img.psum_tile, 0)] > 0)
         np.add.at(self.c_psum, img.psum_dst, np.where(sent, img.psum_pairs, 0))
+        np.add.at(self.c_psum_out, img.tile_core[img.psum_tile[sent]], img.psum_pairs[sent])
         return out
 
     # --- one token ------------------------------------------------------------------------------
@@ -462,21 +521,23 @@ class FunctionalChip:
         logits = np.zeros((T, self.V), np.float32)
         per = {k: np.zeros((T, n), np.int64) for k, n in (("events", n_sites), ("undelivered", n_sites),
                                                           ("in", n_cores), ("macs", n_cores), ("out", n_cores),
-                                                          ("psum", n_cores))}
+                                                          ("psum", n_cores), ("psum_out", n_cores))}
         masks = {s: np.zeros((T, -(-int(w) // 8)), np.uint8)
                  for s, w in zip(self.site_names, self.program.sites.in_dim)}
         for t, tok in enumerate(tokens.tolist()):
             self._counters()
             logits[t] = self.step(tok)
             for k, c in (("events", self.c_events), ("undelivered", self.c_undelivered), ("in", self.c_in),
-                         ("macs", self.c_macs), ("out", self.c_out), ("psum", self.c_psum)):
+                         ("macs", self.c_macs), ("out", self.c_out), ("psum", self.c_psum),
+                         ("psum_out", self.c_psum_out)):
                 per[k][t] = c
             for s, m in masks.items():
                 m[t] = self.c_masks[s]
         return FunctionalResult(logits=logits, site_names=self.site_names,
                                 site_widths=np.asarray(self.program.sites.in_dim, dtype=np.int64),
                                 events=per["events"], undelivered=per["undelivered"], events_in=per["in"],
-                                macs=per["macs"], events_out=per["out"], psums_in=per["psum"], masks=masks,
+                                macs=per["macs"], events_out=per["out"], psums_in=per["psum"],
+                                psums_out=per["psum_out"], masks=masks,
                                 fmt=self.fmt)
 
 
@@ -495,7 +556,8 @@ def run_functional(program, weights: Mapping[str, Any], tokens: Sequence[int], t
     ``weights``: the model's state dict (torch tensors or arrays, rllm parameter names).
     ``thresholds``: site -> scalar or per-channel threshold (or a Schedule); missing sites are 0.
     ``arch``: if given, must be the chip the program was compiled for. ``fmt``: ``"float32"``
-    (exact) or ``"bf16"`` (weights rounded to bfloat16, float32 accumulation).
+    (exact), ``"bf16"`` (the mat-vec datapath in bfloat16: weights, values, products and
+    accumulators) or ``"bf16_weights"`` (weights rounded to bfloat16, float32 accumulation).
     """
     if arch is not None and str(program.meta.get("arch_fingerprint")) != arch.fingerprint():
         raise ValueError(f"program was compiled for arch {program.meta.get('arch')!r} "

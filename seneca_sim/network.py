@@ -4,7 +4,10 @@ The hardware modelled
 ---------------------
 One router per core on a global 2-D mesh built from chips of ``cols x rows`` cores, the chips laid
 out as a ``chips_x x chips_y`` grid. A router has a link to each of its four neighbours; a link
-that crosses a chip boundary is an inter-chip link, with its own (larger) cycles per flit. A core
+that crosses a chip boundary is an inter-chip link: it may take more cycles per flit than an
+on-chip link (``inter_chip_cycles_per_flit``, its bandwidth), and every flit spends a further
+``inter_chip_latency`` cycles in flight across it (its latency: the link is a pipeline, so that
+time does not keep the link from the next flit). A core
 talks to its router through an injection port (core -> router) and an ejection port (router ->
 core). Each of these is a directed link that carries one packet at a time: a SimPy ``Resource`` of
 capacity 1, served first come first served.
@@ -30,8 +33,9 @@ Flow control is virtual cut-through, timed per flit:
 
 A packet *arrives* when its tail flit has crossed the ejection port into the destination core.
 With no contention that time is :func:`analytic_latency`, a closed form (head latency plus the
-slowest link's serialization) that the counting simulator uses; :func:`simulate_packets` adds the
-queueing at taken links.
+slowest link's serialization); :func:`simulate_packets` adds the queueing at taken links. The
+counting simulator (``seneca_sim.counting``) charges every message exactly this closed form for
+the meshes ``mesh_from_arch`` builds (the tests check it route by route).
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class Mesh:
 
     ``cycles_per_flit``: one flit over one on-chip router-to-router link.
     ``inter_chip_cycles_per_flit``: one flit over a link that crosses a chip boundary.
+    ``inter_chip_latency``: cycles every flit spends in flight across a chip boundary, on top of
+    the link's cycles per flit (pipelined: the link takes the next flit meanwhile).
     ``port_cycles_per_flit``: one flit over a core's injection or ejection port.
     ``router_delay``: cycles a router takes to forward a packet's head onto its next link.
     The packet format (``flit_bits``, ``header_flits``, ``pairs_per_flit``,
@@ -70,7 +76,8 @@ class Mesh:
     chips_x: int = 1
     chips_y: int = 1
     cycles_per_flit: float = 1.0
-    inter_chip_cycles_per_flit: float = 10.0
+    inter_chip_cycles_per_flit: float = 1.0
+    inter_chip_latency: float = 0.0
     port_cycles_per_flit: float = 1.0
     router_delay: float = 0.0
     flit_bits: int = 32
@@ -83,7 +90,8 @@ class Mesh:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"Mesh.{name} must be a positive integer (got {v!r})")
-        for name in ("cycles_per_flit", "inter_chip_cycles_per_flit", "port_cycles_per_flit", "router_delay"):
+        for name in ("cycles_per_flit", "inter_chip_cycles_per_flit", "inter_chip_latency", "port_cycles_per_flit",
+                     "router_delay"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"Mesh.{name} must be a finite number >= 0 cycles (got {v!r})")
@@ -129,8 +137,12 @@ class Mesh:
     def chip_of(self, node: Node) -> int:
         return (node[1] // self.rows) * self.chips_x + node[0] // self.cols
 
+    def link_latency(self, link: "Link") -> float:
+        """Cycles in flight on ``link`` beyond its cycles per flit (the chip-crossing latency)."""
+        return self.inter_chip_latency if link.kind == CHIP else 0.0
+
     def link_cycles(self, link: "Link") -> float:
-        """Cycles one flit takes over ``link``."""
+        """Cycles one flit takes over ``link`` (its bandwidth; :meth:`link_latency` comes on top)."""
         if link.kind == MESH:
             return self.cycles_per_flit
         if link.kind == CHIP:
@@ -152,15 +164,17 @@ class Mesh:
 def mesh_from_arch(arch: Any, chips_x: int = 1, chips_y: int = 1) -> Mesh:
     """A :class:`Mesh` from a loaded chip description (``seneca_sim.arch.Arch``).
 
-    The TOML's ``noc.inter_chip_latency_cycles`` ("serialization across the chip boundary") is read
-    as cycles per flit on an inter-chip link; ports run at the on-chip link rate.
+    The TOML's ``noc.inter_chip_latency_cycles`` is the latency of a chip crossing: every flit
+    spends that many cycles in flight across a chip boundary, and the link itself runs at the
+    on-chip rate (``cycles_per_hop_per_flit``), as do the ports.
     """
     noc, chip = arch.noc, arch.chip
     if chips_x * chips_y > chip.max_chips:
         raise ValueError(f"{chips_x}x{chips_y} chips exceed chip.max_chips = {chip.max_chips} of {arch.origin}")
     return Mesh(cols=int(chip.mesh_cols), rows=int(chip.mesh_rows), chips_x=chips_x, chips_y=chips_y,
                 cycles_per_flit=float(noc.cycles_per_hop_per_flit),
-                inter_chip_cycles_per_flit=float(noc.inter_chip_latency_cycles),
+                inter_chip_cycles_per_flit=float(noc.cycles_per_hop_per_flit),
+                inter_chip_latency=float(noc.inter_chip_latency_cycles),
                 port_cycles_per_flit=float(noc.cycles_per_hop_per_flit),
                 router_delay=float(noc.router_latency_cycles),
                 flit_bits=int(noc.flit_bits), header_flits=int(noc.header_flits),
@@ -227,7 +241,8 @@ def analytic_latency(src: Address, dst: Address, n_flits: int, mesh: Mesh) -> fl
     the head crosses every link of the route and every router on it, and the other n_flits - 1
     flits follow one per cycles-per-flit of the slowest link::
 
-        sum of the links' cycles per flit + (hops + 1) * router_delay + (n_flits - 1) * slowest
+        sum of the links' cycles per flit + chip crossings * inter_chip_latency
+            + (hops + 1) * router_delay + (n_flits - 1) * slowest
 
     On one chip, with ports as fast as mesh links (``c``) and ``h`` hops, this is
     ``(h + 1)·router_delay + (h + 1 + n_flits)·c``.
@@ -238,9 +253,11 @@ def analytic_latency(src: Address, dst: Address, n_flits: int, mesh: Mesh) -> fl
 
 @lru_cache(maxsize=1 << 16)
 def _analytic(mesh: Mesh, src: Node, dst: Node, n_flits: int) -> float:
-    cycles = [mesh.link_cycles(link) for link in route_links(src, dst, mesh)]
+    links = route_links(src, dst, mesh)
+    cycles = [mesh.link_cycles(link) for link in links]
     routers = len(cycles) - 1
-    return sum(cycles) + routers * mesh.router_delay + (n_flits - 1) * max(cycles)
+    return (sum(cycles) + sum(mesh.link_latency(link) for link in links) + routers * mesh.router_delay
+            + (n_flits - 1) * max(cycles))
 
 
 def hops(src: Address, dst: Address, mesh: Mesh) -> int:
@@ -409,21 +426,21 @@ def _cross(env: simpy.Environment, noc: _Noc, pid: int, n_flits: int, tree: dict
     """
     if head_ready > env.now:
         yield env.timeout(head_ready - env.now)
-    c, r = noc.mesh.link_cycles(link), noc.mesh.router_delay
+    c, r, lat = noc.mesh.link_cycles(link), noc.mesh.router_delay, noc.mesh.link_latency(link)
     with noc.link(link).request() as granted:
         yield granted
-        head_across = env.now + c
         # flits go back to back, unless the tail is still coming in over a slower link
-        tail_across = max(env.now + n_flits * c, tail_ready + c)
+        tail_sent = max(env.now + n_flits * c, tail_ready + c)
+        head_across, tail_across = env.now + c + lat, tail_sent + lat  # in flight for lat more cycles
         for child in tree[link]:  # the head is forwarded while the tail is still on this link
             env.process(_cross(env, noc, pid, n_flits, tree, child, head_across + r, tail_across + r, arrivals))
         held_from = env.now
-        yield env.timeout(tail_across - env.now)
+        yield env.timeout(tail_sent - env.now)  # the link takes the next packet once the tail is on its way
     carried = noc.carried[link]
     carried[0] += 1
     carried[1] += n_flits
     carried[2] += n_flits * c
-    carried[3] += tail_across - held_from
+    carried[3] += tail_sent - held_from
     if link.kind == EJECT:
         arrivals[(pid, link.to)] = tail_across
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from seneca_sim.counting import ACTIONS, N_ACTIONS
+from seneca_sim.actions import ACTIONS, N_ACTIONS
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,6 +160,9 @@ class Report:
                 out[f"{label}_latency_us_per_token"] = ref["latency_cycles"] * us
                 out[f"energy_gain_vs_{label}"] = ref["energy_pj"] / e if e else float("nan")
                 out[f"latency_gain_vs_{label}"] = ref["latency_cycles"] / lat if lat else float("nan")
+        out["shared_read_bits_per_token"] = float(self.counts_per_token()[ACTIONS.index("shared_read_bit")])
+        out["fetch"] = self.meta.get("fetch", "on core")
+        out["streamed_matrices"] = len(self.meta.get("streamed", []))
         if self.meta["assumed_dense_sites"]:
             out["assumed_dense_sites"] = ", ".join(self.meta["assumed_dense_sites"])
         return out

@@ -87,6 +87,8 @@ def test_assumed_figures_are_few_and_listed_in_sources_doc(arch):
     assert set(assumed) == {
         "chip.max_chips", "core.instruction_memory_bytes", "noc.router_latency_cycles",
         "noc.inter_chip_latency_cycles", "energy.inter_chip_per_flit", "energy.leakage_per_core",
+        "shared_memory.read_energy_per_bit", "shared_memory.latency_cycles", "shared_memory.capacity_bytes",
+        "shared_memory.stream_buffer_columns",
     }
     doc = (REPO / "seneca_sim" / "ARCH_SOURCES.md").read_text(encoding="utf-8")
     for key in arch.figures:
@@ -300,3 +302,12 @@ def test_hashable_and_fingerprint(arch, tmp_path):
     assert hash(again) == hash(arch)
     assert again.fingerprint() == arch.fingerprint()
     assert len({arch: 1, again: 2}) == 1
+
+
+def test_the_readmes_assumed_figures_are_the_tomls(arch):
+    from seneca_sim.arch import assumed_markdown
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = assumed_markdown(arch)
+    assert table in readme, "README's assumed-figures table is stale: paste `python -m seneca_sim.arch --assumed`"
+    listed = {line.split("`")[1] for line in table.splitlines()[2:]}
+    assert listed == set(arch.assumed_figures())

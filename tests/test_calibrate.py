@@ -1,4 +1,5 @@
-"""Sequential calibration (ours and the authors'), the segment machinery it relies on, and the CLI."""
+"""Sequential calibration (ours), the segment machinery it relies on, and the CLI. The authors'
+procedure is tested in test_paper.py."""
 import pytest
 import torch
 
@@ -57,33 +58,30 @@ def test_batched_candidates_equal_one_by_one(setup):
     assert one == pytest.approx(many, rel=1e-6) and one == pytest.approx(direct, rel=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["paper", "budget"])
-def test_tolerance_zero_gives_zero_thresholds(setup, variant):
+def test_tolerance_zero_gives_zero_thresholds(setup):
     m, tok = setup
-    s = sequential(m, tok, variant=variant, tolerance=0.0, progress=False)
+    s = sequential(m, tok, tolerance=0.0, progress=False)
     assert all(t == 0.0 for t in s.thresholds.values())
     assert s.summary["sparsity_mac_weighted"] == pytest.approx(s.summary["natural_mac_weighted"])
 
 
-@pytest.mark.parametrize("variant", ["paper", "budget"])
-def test_more_tolerance_never_less_sparsity(setup, variant):
+def test_more_tolerance_never_less_sparsity(setup):
     m, tok = setup
-    tols = (1e-3, 1e-2, 5e-2) if variant == "paper" else (0.01, 0.05, 0.3)
     sp, losses = [], []
-    for tol in tols:
-        s = sequential(m, tok, variant=variant, tolerance=tol, progress=False)
+    for tol in (0.01, 0.05, 0.3):
+        s = sequential(m, tok, tolerance=tol, progress=False)
         sp.append(s.summary["sparsity_mac_weighted"])
         losses.append(s.summary["loss_increase"])
-        if variant == "budget":  # the global budget holds on the calibration data (for the KL objective:
-            # on dense NLL + KL, the quantity it budgets; the NLL itself may differ by noise)
-            assert s.extra["search_loss"] / s.summary["dense_loss"] - 1 <= tol + 1e-6
-            nll = sequential(m, tok, variant=variant, tolerance=tol, objective="nll", progress=False)
-            assert nll.summary["loss_increase"] <= tol + 1e-6
+        # the global budget holds on the calibration data (for the KL objective: on dense NLL + KL,
+        # the quantity it budgets; the NLL itself may differ by noise)
+        assert s.extra["search_loss"] / s.summary["dense_loss"] - 1 <= tol + 1e-6
+        nll = sequential(m, tok, tolerance=tol, objective="nll", progress=False)
+        assert nll.summary["loss_increase"] <= tol + 1e-6
     assert all(b >= a - 1e-9 for a, b in zip(sp, sp[1:])), sp
     assert sp[-1] > sp[0] + 0.05, sp  # the knob does something
 
 
-def test_per_channel_and_paper_candidates(setup):
+def test_per_channel_thresholds(setup):
     m, tok = setup
     s = sequential(m, tok, tolerance=0.05, per_channel=True, progress=False)
     widths = {n: site.width for n, site in m.sites.items()}
@@ -92,14 +90,13 @@ def test_per_channel_and_paper_candidates(setup):
         assert not isinstance(t, list) or len(t) == widths[n]
     s.apply(m)
     m.set_thresholds({n: 0.0 for n in m.sites})
-    p = sequential(m, tok, variant="paper", tolerance=1e-3, progress=False)
-    assert p.params["levels"] == pytest.approx([0.1 * i for i in range(1, 10)])
-    assert p.params["quantiles"] == "per_token" and p.algorithm == "paper"
-    assert all(isinstance(t, float) for t in p.thresholds.values())
 
 
-def test_resolve_params_rejects_unknown_and_requires_target():
-    assert resolve_params("paper", {})["variant"] == "paper"
+def test_resolve_params_resolves_every_default_and_rejects_unknown():
+    seq = resolve_params("sequential", {})
+    assert seq["search"] == "scan" and seq["floor"] == "auto" and seq["objective"] == "kl"  # what the run uses
+    assert resolve_params("sequential", {"rule": "share"})["search"] == "bisect"
+    assert resolve_params("paper", {})["tolerance"] == 5e-4
     with pytest.raises(TypeError, match="tolerence"):
         resolve_params("sequential", {"tolerence": 0.1})
     with pytest.raises(TypeError, match="sparsity"):
@@ -140,5 +137,3 @@ def test_shrink_toward_uniform(setup):
     assert all(float(t.abs().max()) == 0 for t in m.get_thresholds().values())  # the model is left as found
     with pytest.raises(ValueError):
         sequential(m, tok, tolerance=0.05, shrink=1.5, progress=False)
-    with pytest.raises(ValueError):
-        sequential(m, tok, variant="paper", shrink=0.5, progress=False)

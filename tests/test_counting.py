@@ -170,3 +170,70 @@ def test_neurobench_metrics_are_dense_effective_pairs(program, chip, model, toke
     assert m.loc["synaptic_operations_macs", "effective"] == pytest.approx(r.counts_per_token()[ACTIONS.index("mac")])
     assert 0.0 < m.loc["activation_sparsity", "effective"] < 1.0 and m.loc["activation_sparsity", "dense"] == 0.0
     assert m.loc["model_footprint", "dense"] == m.loc["model_footprint", "effective"] == program.cores.mem_bytes.sum()
+
+
+def program_flits(arch, pairs):
+    return [arch.noc.flits_for_pairs(int(n)) for n in pairs]
+
+
+def test_a_lone_message_takes_the_closed_form_and_the_simpy_cycles_on_every_route(program, chip):
+    """One meaning of every latency figure: for each event route, partial sum and dense transfer of a
+    multi-chip program, the counting simulator's cycles for a lone message of 1 and of 9 flits equal
+    ``network.analytic_latency`` and the simpy model without other traffic."""
+    from seneca_sim.network import Packet, analytic_latency, program_mesh, simulate_packets
+    tb = build_tables(program, chip)
+    mesh = program_mesh(program, chip)
+    node = list(zip(program.cores.gx.tolist(), program.cores.gy.tolist()))
+    assert program.n_chips > 1 and (program.routes.chip_links > 0).any() and (program.psums.chip_links > 0).any()
+
+    def agree(counted, src, dsts, f):
+        closed = max(analytic_latency(src, d, f, mesh) for d in dsts)
+        lone = simulate_packets([Packet(0, src, tuple(dsts), f)], mesh).deliveries.latency.max()
+        assert counted == closed == lone
+
+    ptr = program.route_dest_ptr()
+    for r in range(len(program.routes)):
+        dsts = [node[c] for c in program.route_dests.core[ptr[r]:ptr[r + 1]]]
+        for f in (1, 9):
+            agree(tb.r_lat0[r] + (f - 1) * tb.cyc_flit, node[program.routes.src[r]], dsts, f)
+    order = np.argsort(np.asarray(
+        [np.flatnonzero((program.tiles.core == c) & (program.tiles.site == s))[0]
+         for c, s in zip(program.psums.src, program.psums.site)]), kind="stable")
+    for k, j in enumerate(order):  # the tables hold partial sums grouped by sending tile
+        ps = program.psums
+        agree(tb.p_lat[k], node[ps.src[j]], [node[ps.dst[j]]], int(tb.p_flits[k]))
+    xf = program.transfers
+    for p in np.unique(xf.phase):
+        k = np.flatnonzero(xf.phase == p)
+        flits = [int(f) for f in program_flits(chip, xf.pairs[k])]
+        closed = max(analytic_latency(node[xf.src[i]], node[xf.dst[i]], f, mesh) for i, f in zip(k, flits))
+        assert tb.static_noc[p] == closed
+
+
+def _with(arch: Arch, **figures) -> Arch:
+    raw = copy.deepcopy(arch.to_dict())
+    for dotted, value in figures.items():
+        section, key = dotted.split("__")
+        raw[section][key] = {**raw[section][key], "value": value}
+    return Arch.from_dict(raw, origin="probe")
+
+
+def test_every_value_sent_costs_its_sender_an_event_generate_and_a_queue_access(program, chip, model, tokens):
+    """Events, partial sums and dense copies alike: event_generate counts every value a core sends
+    (counted here from the trace and the Program), and the event-queue cycles are on the clock."""
+    tr = trace(model, tokens, uniform(model, 0.05), include_head=True)
+    by_action = simulate(program, tr, chip).by_action().set_index("action")
+    rt = program.routes
+    events = sum(int(tr.mask(program.site_names[s])[:, a:b].sum()) for s, a, b in zip(rt.site, rt.ch0, rt.ch1))
+    copies = int(program.transfers.pairs.sum()) * tr.n_tokens
+    psums = by_action.loc["psum_ingest", "count"] * tr.n_tokens  # each partial sum sent is received once
+    assert psums > 0 and copies > 0
+    assert by_action.loc["event_generate", "count"] * tr.n_tokens == pytest.approx(events + psums + copies, rel=1e-12)
+    assert by_action.loc["event_generate", "energy_pJ"] == pytest.approx(
+        by_action.loc["event_generate", "count"] * chip.e("event_generate"))
+    # the same mapping on a chip whose event queue takes no time is faster by at least the copies' queue cycles
+    probe = _with(chip, cycles__event_queue_access_cycles=0.0)
+    fast = compile(CFG, probe, expected_sparsity=0.2, seed=0)
+    assert np.array_equal(fast.tiles.core, program.tiles.core) and np.array_equal(fast.cores.gx, program.cores.gx)
+    slow_c, fast_c = simulate(program, tr, chip).latency_cycles(), simulate(fast, tr, probe).latency_cycles()
+    assert (slow_c > fast_c).all()

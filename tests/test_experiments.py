@@ -65,12 +65,27 @@ def test_run_writes_the_table_the_results_and_every_plot(ckpt, tmp_path, capsys)
     this = pts[pts.point == "this run"].iloc[0]
     dense = pts[pts.point == "dense"].iloc[0]
     assert this.eval_sparsity_mac > dense.eval_sparsity_mac
-    # the dense reference of each run is its own program's (placement follows the schedule's sparsity)
-    assert this.energy_uJ < dense.energy_uJ and this.dense_energy_uJ == pytest.approx(dense.energy_uJ, rel=1e-3)
+    # one dense baseline in the folder: every row's, the chip report's and the table's are one number
+    assert this.energy_uJ < dense.energy_uJ
+    assert (pts.dense_energy_uJ == dense.energy_uJ).all() and (pts.dense_latency_us == dense.latency_us).all()
+    chip_dense = json.loads((out / "chip_dense" / "summary.json").read_text())["summary"]
+    assert chip_dense["energy_uJ_per_token"] == dense.energy_uJ and chip_dense["latency_us_per_token"] == dense.latency_us
+    assert f"{dense.energy_uJ:.4g}" in (out / "summary.md").read_text()
+    # the tuned mapping is a labelled second comparison against the same dense run
+    tuned = pts[pts.point == "this run, tuned mapping"].iloc[0]
+    assert tuned.mapping == "tuned to this run" and set(pts.mapping) == {"dense run's", "tuned to this run"}
+    assert tuned.energy_gain == pytest.approx(dense.energy_uJ / tuned.energy_uJ)
+    assert "mapping tuned to this run" in text
     # a rerun with the same inputs reuses every cached point and gives the same table
     assert run.main([str(ckpt), "--algorithm", "uniform", "--sparsity", "0.5", "--out", str(out)] + CURVE + FAST) == 0
     again = pd.read_csv(out / "points.csv")
     pd.testing.assert_frame_equal(pts, again)
+    # results are ordinary files: readable by others under the default umask, like any file
+    old = os.umask(0o022)
+    os.umask(old)
+    if old == 0o022:
+        for f in ("points.csv", "summary.md", "config.json", "schedule.json", "chip/summary.json", "sites.csv"):
+            assert (out / f).stat().st_mode & 0o777 == 0o644, f
     # the config replays the run
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["algorithm"] == "uniform" and cfg["knob_value"] == 0.5
@@ -216,6 +231,56 @@ def test_a_ray_worker_that_dies_fails_its_point_and_the_sweep_goes_on(ckpt, tmp_
         ray.shutdown()
     assert code == 1 and "point uniform 0.6 failed" in capsys.readouterr().err
     assert len(pd.read_csv(tmp_path / "r" / "sweep.csv")) == 1
+
+
+def small_arch(tmp_path, memory_bytes: int) -> Path:
+    """The shipped chip with 4x4 meshes of small cores: the test model needs more than one."""
+    import copy
+    from seneca_sim.arch import Arch, default_arch
+    raw = copy.deepcopy(default_arch().to_dict())
+    raw["core"]["data_memory_bytes"] = {"value": memory_bytes, "unit": "bytes", "assumed": True, "rationale": "test"}
+    for k in ("mesh_rows", "mesh_cols"):
+        raw["chip"][k] = {"value": 4, "unit": "cores", "assumed": True, "rationale": "test"}
+    return Arch.from_dict(raw, origin="test").save(tmp_path / f"chip{memory_bytes}.toml")
+
+
+def test_run_on_fewer_chips_streams_weights_and_reports_the_fetch_policy(ckpt, tmp_path, capsys):
+    out = tmp_path / "streamed"
+    arch = small_arch(tmp_path, 16384)
+    assert run.main([str(ckpt), "--arch", str(arch), "--chips", "1", "--prefetch", "hot", "--algorithm", "uniform",
+                     "--sparsity", "0.5", "--no-curve", "--out", str(out)] + FAST) == 0
+    text = capsys.readouterr().out
+    assert "matrices streamed from shared memory" in text and "prefetch (hot)" in text
+    pts = pd.read_csv(out / "points.csv").set_index("point")
+    assert pts.loc["this run", "fetch"] == "prefetch (hot)" and pts.loc["dense", "fetch"] == "dense"
+    assert pts.loc["this run", "chips"] == 1 and pts.loc["this run", "streamed_matrices"] >= 1
+
+
+def test_a_model_that_does_not_fit_fails_before_calibrating(ckpt, tmp_path, capsys):
+    arch = small_arch(tmp_path, 4096)
+    code = run.main([str(ckpt), "--arch", str(arch), "--chips", "1", "--out", str(tmp_path / "o")] + FAST)
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "does not fit 1 chip" in captured.err and "calibrating" not in captured.out
+
+
+def test_the_prefetch_study_writes_its_tables_and_plots(ckpt, tmp_path, capsys):
+    from experiments import prefetch
+    out = tmp_path / "pf"
+    arch = small_arch(tmp_path, 16384)
+    assert prefetch.main([str(ckpt), "--arch", str(arch), "--chips", "1", "--tokens", "24", "--calib-tokens", "256",
+                          "--out", str(out), "--quiet"]) == 0
+    for f in ("patterns.csv", "predictors.csv", "predictors_by_kind.csv", "policies.csv", "predictors.png",
+              "policies.png"):
+        assert (out / f).is_file(), f
+    pol = pd.read_csv(out / "policies.csv")
+    streamed = pol[pol.mapping == "streamed"].set_index("policy")
+    assert set(streamed.index) == set(prefetch.POLICIES) and (pol.mapping == "on core").any()
+    assert streamed.loc["oracle", "latency_us"] <= streamed.loc["demand", "latency_us"]
+    assert streamed.loc["dense", "shared_MB_per_token"] >= streamed.loc["demand", "shared_MB_per_token"]
+    kinds = pd.read_csv(out / "predictors_by_kind.csv")
+    assert (kinds[kinds.predictor == "oracle"].f1 == 1.0).all()
+    assert prefetch.main([str(ckpt), "--chips", "0", "--out", str(out)]) == 2
 
 
 def test_decode_with_event_kernels_gives_the_same_tokens(ckpt, capsys):

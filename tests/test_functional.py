@@ -167,22 +167,57 @@ def test_float32_chip_reproduces_the_torch_step_logits(result, model, tokens, th
     assert max_diff(result.logits, ref) <= 1e-4 * np.abs(ref).max()
 
 
-def test_bf16_chip_matches_a_bf16_model(program, model, tokens):
+def test_bf16_weights_chip_matches_a_model_with_bf16_weights(program, model, tokens):
     m16 = bf16_rounded(model, program)
     th = quantile_thresholds(m16, tokens, SPARSITY)
-    res = run_functional(program, model.state_dict(), tokens.numpy(), th, fmt="bf16")
+    res = run_functional(program, model.state_dict(), tokens.numpy(), th, fmt="bf16_weights")
     ref16 = step_logits(m16, tokens, th)
     assert (res.sparsity().sparsity >= 0.5).all()
     assert max_diff(res.logits, ref16) <= 1e-4 * np.abs(ref16).max()
 
 
-def test_bf16_chip_differs_from_float32_by_the_rounding_bf16_implies(program, model, tokens):
+def test_bf16_weights_chip_differs_from_float32_by_the_rounding_bf16_implies(program, model, tokens):
     # at threshold 0 no event can flip, so the difference is the weights' rounding alone: of the
     # order of bf16's unit roundoff 2^-9 relative to the logits, far above float32's
-    res = run_functional(program, model.state_dict(), tokens.numpy(), fmt="bf16")
+    res = run_functional(program, model.state_dict(), tokens.numpy(), fmt="bf16_weights")
     ref = step_logits(model, tokens, {})
     scale = np.abs(ref).max()
     assert 1e-4 * scale < max_diff(res.logits, ref) <= 2.0 ** -6 * scale
+
+
+def test_bf16_chip_accumulates_every_matrix_as_torch_bfloat16_arithmetic_does(program, model, tokens):
+    """fmt="bf16": the event values, each product and each running sum are bfloat16. Reference:
+    torch's bfloat16 tensors, one event at a time in the chip's order (ascending channel), on a
+    matrix whose tiles each hold whole rows (so the owner's reduction adds one partial sum to 0)."""
+    from seneca_sim.functional import load_chip
+    s = int(np.flatnonzero(program.sites.split == "by_outputs")[0])
+    site, (R, N) = program.site_names[s], (int(program.sites.out_dim[s]), int(program.sites.in_dim[s]))
+    chip16 = load_chip(program, model.state_dict(), fmt="bf16")
+    x = np.random.default_rng(1).standard_normal(N).astype(np.float32)
+    x[::3] = 0.0  # silent inputs
+    W = model.state_dict()[f"{site}.weight"].to(torch.bfloat16)
+    y = torch.zeros(R, dtype=torch.bfloat16)
+    for c in np.flatnonzero(x):
+        y = y + torch.tensor(x[c]).to(torch.bfloat16) * W[:, c]
+    got = chip16.matvec(site, x)
+    np.testing.assert_array_equal(got, y.float().numpy())
+    exact = load_chip(program, model.state_dict(), fmt="bf16_weights").matvec(site, x)
+    assert not np.array_equal(got, exact)  # the accumulators' rounding is there, not only the weights'
+
+
+def test_bf16_chip_stays_near_float32_and_is_further_off_than_bf16_weights(program, model, tokens):
+    ref = step_logits(model, tokens, {})
+    scale = np.abs(ref).max()
+    w16 = max_diff(run_functional(program, model.state_dict(), tokens.numpy(), fmt="bf16_weights").logits, ref)
+    a16 = max_diff(run_functional(program, model.state_dict(), tokens.numpy(), fmt="bf16").logits, ref)
+    assert w16 < a16 <= 2.0 ** -4 * scale
+
+
+def test_bf16_accumulators_need_a_bf16_state_format(program, model):
+    other = Program(**{**{k: getattr(program, k) for k in program.__dataclass_fields__},
+                       "meta": {**program.meta, "state_format": "fp16"}})
+    with pytest.raises(ValueError, match="bf16_weights"):
+        run_functional(other, model.state_dict(), [1], fmt="bf16")
 
 
 def test_events_per_core_are_those_the_trace_implies(result, program, model, tokens, thresholds):
@@ -208,9 +243,13 @@ def test_counts_agree_with_the_counting_simulator(result, program, chip):
     tot = totals.groupby(["core", "action"])["count"].sum().unstack(fill_value=0)
     tot = tot.reindex(np.arange(program.n_cores), fill_value=0)
     mine = result.core_totals()
-    for action, col in (("event_ingest", "events_in"), ("mac", "macs"), ("event_generate", "events_out"),
-                        ("psum_ingest", "psums_in")):
+    for action, col in (("event_ingest", "events_in"), ("mac", "macs"), ("psum_ingest", "psums_in")):
         np.testing.assert_array_equal(tot[action].to_numpy(), mine[col].to_numpy(), err_msg=action)
+    # a core generates its events, its partial sums and, every token, the dense copies it sends
+    copies = np.bincount(program.transfers.src, program.transfers.pairs, minlength=program.n_cores)
+    sent = mine.events_out + mine.psums_out + result.n_tokens * copies
+    np.testing.assert_array_equal(tot["event_generate"].to_numpy(), sent.to_numpy())
+    assert mine.psums_out.sum() == mine.psums_in.sum() > 0
 
 
 @pytest.mark.parametrize("split", ["by_outputs", "by_inputs", "grid"])
@@ -265,21 +304,25 @@ def test_numba_kernels_equal_their_numpy_twins():
     chan_tile = np.concatenate(chan).astype(np.int64)
     ev_idx = np.array([0, 3, 4, 7, 5], dtype=np.int64)
     ev_val = rng.standard_normal(5).astype(np.float32)
-    outs = []
-    for deliver, reduce in ((deliver_events, reduce_rows), (deliver_events_numpy, reduce_rows_numpy)):
-        acc = np.zeros(int(rows.sum()), np.float32)
-        tev = np.zeros(3, np.int64)
-        deliver(ev_idx, ev_val, chan_ptr, chan_tile, woff, rows, col0, aoff, weights, acc, tev)
-        out = np.zeros(7, np.float32)
-        reduce(acc, np.array([0, 5, 8, 9, 1], dtype=np.int64), np.array([0, 0, 1, 0, 6], dtype=np.int64), out)
-        outs.append((acc, tev, out))
-    for a, b in zip(*outs):
-        np.testing.assert_array_equal(a, b)
+    for bf16 in (False, True):
+        outs = []
+        for deliver, reduce in ((deliver_events, reduce_rows), (deliver_events_numpy, reduce_rows_numpy)):
+            acc = np.zeros(int(rows.sum()), np.float32)
+            tev = np.zeros(3, np.int64)
+            deliver(ev_idx, ev_val, chan_ptr, chan_tile, woff, rows, col0, aoff, weights, acc, tev, bf16)
+            out = np.zeros(7, np.float32)
+            reduce(acc, np.array([0, 5, 8, 9, 1], dtype=np.int64), np.array([0, 0, 1, 0, 6], dtype=np.int64), out,
+                   bf16)
+            outs.append((acc, tev, out))
+        for a, b in zip(*outs):
+            np.testing.assert_array_equal(a, b)
+        assert bf16 == bool((to_bf16(outs[0][2]) == outs[0][2]).all() and (to_bf16(outs[0][0]) == outs[0][0]).all())
 
 
-def test_numpy_twin_runs_the_same_chip(program, model, tokens, thresholds):
-    a = run_functional(program, model.state_dict(), tokens.numpy()[:4], thresholds)
-    b = run_functional(program, model.state_dict(), tokens.numpy()[:4], thresholds, kernel="numpy")
+@pytest.mark.parametrize("fmt", ["float32", "bf16"])
+def test_numpy_twin_runs_the_same_chip(program, model, tokens, thresholds, fmt):
+    a = run_functional(program, model.state_dict(), tokens.numpy()[:4], thresholds, fmt=fmt)
+    b = run_functional(program, model.state_dict(), tokens.numpy()[:4], thresholds, kernel="numpy", fmt=fmt)
     np.testing.assert_array_equal(a.logits, b.logits)
     np.testing.assert_array_equal(a.macs, b.macs)
 

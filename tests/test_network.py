@@ -80,6 +80,24 @@ def test_analytic_latency_on_one_chip_is_the_closed_form(h_src, h_dst, n, c, r):
 
 
 @pytest.mark.parametrize("n", [1, 3, 9])
+def test_a_chip_crossing_latency_is_paid_once_per_crossing_not_per_flit(n):
+    mesh = Mesh(cols=4, rows=4, chips_x=2, chips_y=2, inter_chip_latency=10, router_delay=1)
+    h = 8  # (2, 1) -> (5, 6): 8 hops, 2 of them across a chip boundary
+    head = (h + 2) * 1 + 2 * 10 + (h + 1) * 1  # 8 links and 2 ports at 1 cycle a flit, 2 crossings, 9 routers
+    assert analytic_latency((2, 1), (5, 6), n, mesh) == head + (n - 1) * 1
+    assert simulate_packets([Packet(0, (2, 1), ((5, 6),), n)], mesh).deliveries.iloc[0]["latency"] == head + n - 1
+
+
+def test_a_chip_link_is_free_for_the_next_packet_while_flits_are_in_flight():
+    mesh = Mesh(cols=2, rows=1, chips_x=2, inter_chip_latency=50)
+    run = simulate_packets([Packet(0, (1, 0), ((2, 0),), 3), Packet(0, (1, 0), ((2, 0),), 3)], mesh)
+    chip = run.links[run.links["kind"] == "chip"].iloc[0]
+    assert chip["held_cycles"] == 6 and chip["busy_cycles"] == 6  # 2 x 3 flits, not held through the 50
+    assert sorted(run.deliveries["latency"]) == [analytic_latency((1, 0), (2, 0), 3, mesh),
+                                                 analytic_latency((1, 0), (2, 0), 3, mesh) + 3]
+
+
+@pytest.mark.parametrize("n", [1, 3, 9])
 def test_chip_crossings_add_the_slowest_links_serialization_once(n):
     mesh = Mesh(cols=4, rows=4, chips_x=2, chips_y=2, inter_chip_cycles_per_flit=10, router_delay=1)
     h = 8  # (2, 1) -> (5, 6): 3 hops in x (one across a boundary), 5 in y (one across a boundary)
@@ -202,7 +220,9 @@ def test_mesh_from_arch_reads_the_chip_description():
     mesh = mesh_from_arch(arch, chips_x=2)
     assert (mesh.cols, mesh.rows, mesh.width) == (arch.chip.mesh_cols, arch.chip.mesh_rows, 2 * arch.chip.mesh_cols)
     assert mesh.cycles_per_flit == arch.noc.cycles_per_hop_per_flit
-    assert mesh.inter_chip_cycles_per_flit == arch.noc.inter_chip_latency_cycles
+    # one meaning of a chip crossing: a latency per crossing, the link at the on-chip rate
+    assert mesh.inter_chip_latency == arch.noc.inter_chip_latency_cycles
+    assert mesh.inter_chip_cycles_per_flit == arch.noc.cycles_per_hop_per_flit
     assert sum(mesh.packet_flits(37)) == arch.noc.flits_for_pairs(37)
 
 
@@ -210,17 +230,21 @@ def test_mesh_from_arch_reads_the_chip_description():
 def test_analytic_latency_matches_a_flit_by_flit_recurrence(seed):
     rng = random.Random(seed)
     mesh = Mesh(cols=3, rows=2, chips_x=3, chips_y=3, cycles_per_flit=rng.choice([1, 2]),
-                inter_chip_cycles_per_flit=rng.choice([3, 10]), port_cycles_per_flit=rng.choice([1, 4]),
-                router_delay=rng.choice([0, 1, 2]))
+                inter_chip_cycles_per_flit=rng.choice([1, 3, 10]), inter_chip_latency=rng.choice([0, 5, 10]),
+                port_cycles_per_flit=rng.choice([1, 4]), router_delay=rng.choice([0, 1, 2]))
     src, dst, n = (rng.randrange(9), rng.randrange(6)), (rng.randrange(9), rng.randrange(6)), rng.randint(1, 9)
-    # flit k leaves link j when it has left link j-1 and passed the router, and flit k-1 has left link j
+    # flit k is sent over link j when it has come off link j-1 and through the router, and flit
+    # k-1 has been sent; it comes off the link the link's latency later
     done = [0.0] * n  # the whole packet is in the source core at cycle 0
     for j, link in enumerate(route_links(src, dst, mesh)):
-        c, prev = mesh.link_cycles(link), 0.0
+        c, lat, prev = mesh.link_cycles(link), mesh.link_latency(link), 0.0
         for k in range(n):
             came = done[k] + mesh.router_delay if j else 0.0
-            prev = done[k] = max(came, prev) + c
+            prev = max(came, prev) + c
+            done[k] = prev + lat
     assert analytic_latency(src, dst, n, mesh) == done[-1]
+    run = simulate_packets([Packet(0, src, (dst,), n)], mesh)
+    assert run.deliveries.iloc[0]["latency"] == done[-1]
 
 
 # ------------------------------------------------------------------------ compiled programs

@@ -111,3 +111,76 @@ def test_cache_hit_returns_the_same_schedule_instantly(model, tmp_path):
     model2 = small(seed=3)
     e = calibrate(model2, tok, "uniform", sparsity=0.4, cache=tmp_path, progress=False)
     assert e.extra["cache"]["hit"] is False  # other weights: miss
+
+
+# --- cache keys that cannot go stale ------------------------------------------------------
+
+def key(model, tok, algorithm, **params):
+    from thresholds.calibrate import resolve_params, schedule_key
+    return schedule_key(model, tok, algorithm, resolve_params(algorithm, params))
+
+
+SEQ_CHANGES = dict(tolerance=0.03, levels=[0.1, 0.5], per_channel=True, share="equal", include_head=True,
+                   scan="all", patience=3, margin=0.5, quantiles="pooled", horizon=2, rule="share", kappa=4.0,
+                   objective="nll", floor=0.3, floor_share=0.25, max_rows=100, shrink=0.5, seed=1)
+
+
+def test_every_parameter_changes_the_key_and_defaults_are_keyed_resolved(model):
+    from thresholds.calibrate import resolve_params
+    tok = torch.randint(0, 53, (4, 17), generator=torch.Generator().manual_seed(0))
+    base = key(model, tok, "sequential")
+    keys = {n: key(model, tok, "sequential", **{n: v}) for n, v in SEQ_CHANGES.items()}
+    assert base not in keys.values() and len(set(keys.values())) == len(keys)
+    assert set(SEQ_CHANGES) | {"search"} == {n for n in resolve_params("sequential", {})
+                                            if n not in ("device", "progress", "model_name", "calib_description",
+                                                         "algorithm", "batch_tokens", "candidate_batch")}
+    # a default given explicitly is the same run, hence the same key; so is a setting the rule implies
+    assert key(model, tok, "sequential", objective="kl", floor="auto", search="scan") == base
+    assert key(model, tok, "sequential", rule="share") == key(model, tok, "sequential", rule="share", search="bisect")
+    assert key(model, tok, "paper") == key(model, tok, "paper", tolerance=5e-4)
+    assert key(model, tok, "paper", tolerance=1e-3) != key(model, tok, "paper")
+    assert key(model, tok, "finetune", sparsity=0.5) == key(model, tok, "finetune", sparsity=0.5, init_sparsity=0.5)
+    for alg, a, b in (("uniform", {"sparsity": 0.4}, {"sparsity": 0.4, "target": "mac"}),
+                      ("cats", {"sparsity": 0.3}, {"sparsity": 0.3, "max_level": 0.9}),
+                      ("finetune", {"sparsity": 0.5}, {"sparsity": 0.5, "steps": 7})):
+        assert key(model, tok, alg, **a) != key(model, tok, alg, **b), alg
+
+
+def test_the_teal_trajectory_is_part_of_the_key(model, tmp_path):
+    from thresholds import teal_trajectory
+    tok = torch.randint(0, 53, (4, 17), generator=torch.Generator().manual_seed(0))
+    t1 = teal_trajectory(model, tok, step=0.1, progress=False)
+    t2 = teal_trajectory(model, tok, step=0.3, max_sparsity=0.7, progress=False)
+    assert key(model, tok, "teal", sparsity=0.5, trajectory=t1) != key(model, tok, "teal", sparsity=0.5, trajectory=t2)
+    a = calibrate(model, tok, "teal", sparsity=0.5, trajectory=t1, cache=tmp_path, progress=False)
+    b = calibrate(model, tok, "teal", sparsity=0.5, trajectory=t2, cache=tmp_path, progress=False)
+    assert b.extra["cache"]["hit"] is False and b.params["step"] == 0.3 and a.params["step"] == 0.1
+
+
+def test_one_changed_weight_changes_the_key_and_fails_validation(model):
+    tok = torch.randint(0, 53, (4, 17), generator=torch.Generator().manual_seed(0))
+    before = key(model, tok, "uniform", sparsity=0.4)
+    sched = calibrate(model, tok, "uniform", sparsity=0.4, cache=False, progress=False)
+    w = model.blocks[1].ffn.key.weight
+    with torch.no_grad():
+        w.view(-1)[w.numel() // 2 + 17] *= 1.0 + 2 ** -20  # one weight, by its last few bits
+    assert key(model, tok, "uniform", sparsity=0.4) != before
+    with pytest.raises(ScheduleError, match="other weights"):
+        sched.validate(model)
+    with torch.no_grad():
+        w.view(-1)[w.numel() // 2 + 17] /= 1.0 + 2 ** -20
+    if key(model, tok, "uniform", sparsity=0.4) == before:  # the division restored the bits exactly
+        sched.validate(model)
+
+
+def test_the_algorithms_source_is_part_of_the_key(tmp_path, monkeypatch):
+    from thresholds import schedule
+    src = tmp_path / "algorithm.py"
+    src.write_text("x = 1\n")
+    monkeypatch.setattr(schedule, "_ALGORITHM_SOURCES", (str(src),))
+    schedule.code_digest.cache_clear()
+    k1 = schedule.cache_key({}, "uniform", {}, "calib")
+    src.write_text("x = 2\n")
+    schedule.code_digest.cache_clear()
+    assert schedule.cache_key({}, "uniform", {}, "calib") != k1
+    schedule.code_digest.cache_clear()

@@ -1,4 +1,4 @@
-"""rllm.sparse_gemv: the event-driven matrix-vector product and its use in the models, on CPU.
+"""rllm.gpu.sparse_gemv: the event-driven matrix-vector product and its use in the models, on CPU.
 
 The torch fallback is what CPU and CI run; Triton's interpreter checks the GPU kernel itself
 where triton is installed (in a subprocess: the interpreter is chosen when the kernel is defined).
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from rllm.events import SparsityMeter
 from rllm.model import RWKV, RWKVConfig, Threshold, randomize_weights
-from rllm.sparse_gemv import (EventLinear, EventThreshold, disable_event_kernels, enable_event_kernels, event_gemv,
+from rllm.gpu.sparse_gemv import (EventLinear, EventThreshold, disable_event_kernels, enable_event_kernels, event_gemv,
                               event_gemv_torch, threshold, transpose_weight, tune_event_kernels)
 
 
@@ -186,7 +186,7 @@ def test_opt_keeps_its_site_hooks():
 
 INTERPRETED = textwrap.dedent("""
     import torch
-    from rllm.sparse_gemv import KernelConfig, event_gemv, event_gemv_torch, event_list, transpose_weight
+    from rllm.gpu.sparse_gemv import KernelConfig, event_gemv, event_gemv_torch, event_list, transpose_weight
     torch.manual_seed(0)
     cases = [(1, 100, 70, None, False, KernelConfig(block_n=32, block_k=16)),
              (1, 128, 96, "scalar", True, KernelConfig(block_n=64, block_k=16, waves=64, min_iters=1)),  # 8 splits
@@ -258,7 +258,7 @@ def test_triton_kernel_in_the_interpreter():
 
 
 def test_kernel_config_is_checked():
-    from rllm.sparse_gemv import COMPACT_CONFIG, EVENT_LIST_CONFIGS, MAX_EVENT_LIST_INPUTS, KernelConfig, event_list
+    from rllm.gpu.sparse_gemv import COMPACT_CONFIG, EVENT_LIST_CONFIGS, MAX_EVENT_LIST_INPUTS, KernelConfig, event_list
 
     assert COMPACT_CONFIG.algorithm == "compact"
     assert {c.algorithm for c in EVENT_LIST_CONFIGS} == {"events"}

@@ -11,10 +11,11 @@ procedure), ``uniform``, ``teal``, ``cats``, ``finetune``. Command line:
 """
 from thresholds.schedule import (Schedule, ScheduleCache, ScheduleError, cache_key, default_cache_dir,
                                  model_fingerprint, weights_digest)
-from thresholds.sequential import FINE_LEVELS, PAPER_LEVELS, PAPER_TOLERANCE, sequential
+from thresholds.sequential import FINE_LEVELS, sequential
+from thresholds.paper import PAPER_LEVELS, PAPER_TOLERANCE, paper
 from thresholds.baselines import cats, finetune, teal, teal_trajectory, TealTrajectory, uniform
 
-_LAZY = ("calibrate", "ALGORITHMS", "load_calib_tokens", "resolve_params")
+_LAZY = ("calibrate", "ALGORITHMS", "load_calib_tokens", "resolve_params", "match_sparsity")
 
 
 def __getattr__(name):  # lazy, so that ``python -m thresholds.calibrate`` runs without a runpy warning
@@ -28,6 +29,7 @@ def __getattr__(name):  # lazy, so that ``python -m thresholds.calibrate`` runs 
 
 __all__ = [
     "Schedule", "ScheduleError", "ScheduleCache", "cache_key", "default_cache_dir", "model_fingerprint",
-    "weights_digest", "sequential", "PAPER_LEVELS", "FINE_LEVELS", "PAPER_TOLERANCE", "uniform", "cats",
+    "weights_digest", "sequential", "paper", "PAPER_LEVELS", "FINE_LEVELS", "PAPER_TOLERANCE", "uniform", "cats",
     "teal", "teal_trajectory", "TealTrajectory", "finetune", "calibrate", "ALGORITHMS", "load_calib_tokens", "resolve_params",
+    "match_sparsity",
 ]

@@ -7,23 +7,25 @@ the sequential method, each returning a :class:`~thresholds.schedule.Schedule` w
     A site whose natural zeros already exceed the target keeps threshold 0. ``target="mac"``
     solves for the one level that gives the requested MAC-weighted model-wide sparsity.
 
-``teal``  TEAL-style greedy allocation (Liu et al. 2024, "Training-Free Activation Sparsity in
-    Large Language Models"): for each block, from the dense model's input to that block, start at
-    the natural sparsity and repeatedly raise by one step the sparsity of the site whose step
-    costs the least error of the block output (squared L2 against the dense block's output).
-    Steps are weighted by the size of the matrix a site feeds (a site feeding ``M_j`` MACs moves
-    ``step * M_min / M_j``), so every step removes the same work. The greedy path of every block
-    is recorded once (:func:`teal_trajectory`); a target picks, per block, the first point whose
-    MAC-weighted sparsity reaches it, so the blocks share the model-wide target as TEAL's do.
+``teal``  TEAL's greedy block-wise allocation (Liu et al. 2024, "Training-Free Activation Sparsity in
+    Large Language Models"; their ``teal/greedyopt.py``): for each block, from the dense model's
+    input to that block, repeatedly raise by one step the sparsity of the site whose step costs the
+    least error of the block output. The error is TEAL's: on the last quarter of the positions,
+    the L2 norm over positions of each (sequence, channel) difference from the dense block's output,
+    averaged. Steps are weighted by the size of the matrix a site feeds (TEAL's ``base_step_size``
+    0.05 for the smallest matrices, ``0.05 * M_min / M_j`` for a site feeding ``M_j`` MACs), so every
+    step removes the same work. Thresholds are quantiles of the dense model's ``|x|`` and the
+    greedy uses every calibration token. The path of every block is recorded once
+    (:func:`teal_trajectory`); a target takes, per block, the point nearest it (TEAL's lookup).
 
-``cats``  CATS-style (Lee et al. 2024, "CATS: Contextually-Aware Thresholding for Sparsity in
-    LLMs"): thresholds only in the FFN, at a quantile of ``|activation|``. CATS thresholds the
-    MLP's inner activation (the gate's SiLU output), which in RWKV's channel-mix is the
-    squared-ReLU output feeding ``ffn.value``: ``sites="inner"`` does exactly that. That site
-    holds only ``4/13`` of a block's MACs and is already ~90% zero in trained RWKV, so it cannot
-    reach high model-wide sparsity; ``sites="ffn"`` (default) also thresholds the two channel-mix
-    inputs (``ffn.receptance``, ``ffn.key``) at the same level: the FFN-only analogue used for the
-    matched comparisons. Attention sites stay dense.
+``cats``  CATS (Lee et al. 2024, "CATS: Contextually-Aware Thresholding for Sparsity in Large
+    Language Models"; their ``Cats`` module on ``act_fn``): one threshold per layer on the gated
+    FFN's inner activation only, the quantile of its ``|x|`` in the dense model at one target level
+    for every layer. In RWKV-4's channel-mix that activation is the squared-ReLU output, the input
+    of ``ffn.value``; in OPT the ReLU output, the input of ``fc2``. That site holds only 4/13 of an
+    RWKV block's MACs and is already ~90% zero in trained RWKV, so CATS cannot reach a high
+    model-wide sparsity: a target beyond its reach is capped and marked
+    ``extra["target_reached"] = False``, never met by thresholding other sites.
 
 ``finetune``  the training-based reference: the weights are frozen, the thresholds are learned
     (``t = exp(theta)``, per site) with a straight-through estimator -- the forward pass uses the
@@ -51,19 +53,19 @@ from thresholds._core import (Stream, as_calib_tokens, block_sites, build_schedu
                               set_raw_threshold, solve_level, threshold_value)
 from thresholds.schedule import Schedule
 
-__all__ = ["uniform", "cats", "teal", "teal_trajectory", "TealTrajectory", "finetune", "ffn_sites", "quantile_schedule"]
+__all__ = ["uniform", "cats", "teal", "teal_trajectory", "teal_error", "TealTrajectory", "finetune", "ffn_inner_sites",
+           "quantile_schedule"]
 
 MAX_LEVEL = 0.99
 
 
-def ffn_sites(model, which: str = "ffn") -> list[str]:
-    if which not in ("ffn", "inner"):
-        raise ValueError(f"sites must be 'ffn' or 'inner', got {which!r}")
-    # the FFN's inner activation: RWKV's squared ReLU feeds ffn.value, OPT's ReLU feeds ffn.fc2
-    inner = [n for n in block_sites(model) if n.endswith(("ffn.value", "ffn.fc2"))]
-    out = inner if which == "inner" else [n for n in block_sites(model) if ".ffn." in f".{n}"]
+def ffn_inner_sites(model) -> list[str]:
+    """The gated FFN's inner activation of every block: RWKV's squared ReLU feeds ``ffn.value``,
+    OPT's ReLU feeds ``ffn.fc2``."""
+    out = [n for n in block_sites(model) if n.endswith(("ffn.value", "ffn.fc2"))]
     if not out:
-        raise ValueError(f"{getattr(model.config, 'name', 'model')} has no FFN sites (names with 'ffn.')")
+        raise ValueError(f"{getattr(model.config, 'name', 'model')} has no FFN inner-activation site "
+                         f"(a name ending in ffn.value or ffn.fc2)")
     return out
 
 
@@ -140,13 +142,12 @@ def uniform(model, calib_tokens, *, sparsity: float, target: str = "site", stats
                              include_head=include_head, algorithm=kw.pop("algorithm", "uniform"), **kw)
 
 
-def cats(model, calib_tokens, *, sparsity: float, sites: str = "ffn", target: str = "mac",
-         stats: str = "dense", **kw) -> Schedule:
-    """Thresholds on the FFN only (``sites="inner"``: the squared-ReLU output, CATS's choice;
-    ``"ffn"``: all three channel-mix inputs). ``target="mac"`` (default): ``sparsity`` is the
-    model-wide MAC-weighted target; ``"site"``: the level at the FFN sites."""
-    return quantile_schedule(model, calib_tokens, sparsity=sparsity, active=ffn_sites(model, sites), target=target,
-                             stats=stats, algorithm=kw.pop("algorithm", "cats"), params={"cats_sites": sites}, **kw)
+def cats(model, calib_tokens, *, sparsity: float, target: str = "mac", **kw) -> Schedule:
+    """CATS: the FFN's inner activation only, one quantile level for every layer (see the module
+    doc). ``target="mac"`` (default): ``sparsity`` is the model-wide MAC-weighted target;
+    ``"site"``: the level at the FFN inner sites."""
+    return quantile_schedule(model, calib_tokens, sparsity=sparsity, active=ffn_inner_sites(model), target=target,
+                             algorithm=kw.pop("algorithm", "cats"), **kw)
 
 
 # ------------------------------------------------------------------------------------------
@@ -156,7 +157,8 @@ def cats(model, calib_tokens, *, sparsity: float, sites: str = "ffn", target: st
 @dataclass
 class TealTrajectory:
     """The greedy path of every block: ``points[i]`` = list of ``(block_sparsity, {site: threshold})``,
-    increasing; ``cost_s`` = the wall time it took to compute."""
+    increasing; ``cost_s`` = the wall time it took to compute. ``fingerprint`` and ``calib_sha256``
+    name the weights and calibration tokens it was computed on, ``params`` its settings."""
 
     points: list[list[tuple[float, dict[str, float]]]]
     natural: dict[str, float]
@@ -165,107 +167,136 @@ class TealTrajectory:
     fingerprint: str = ""
     calib_sha256: str = ""
 
+    def key(self) -> dict:
+        """Everything the trajectory depends on (a schedule made from it is cached under this)."""
+        return {"params": dict(self.params), "weights": self.fingerprint, "calib": self.calib_sha256}
+
     def thresholds_for(self, sparsity: float) -> tuple[dict[str, float], list[float]]:
-        """Per block, the first greedy point reaching ``sparsity`` (the last one if none does)."""
+        """Per block, the greedy point whose block sparsity is nearest ``sparsity`` (TEAL's lookup:
+        the closest row, the earlier on a tie)."""
         out: dict[str, float] = {}
         reached = []
         for pts in self.points:
-            pick = next((p for p in pts if p[0] >= sparsity - 1e-9), pts[-1])
+            pick = min(pts, key=lambda p: abs(p[0] - sparsity))
             out.update(pick[1])
             reached.append(pick[0])
         return out, reached
 
 
-def teal_trajectory(model, calib_tokens, *, step: float = 0.1, max_sparsity: float = 0.95,
-                    max_level: float = MAX_LEVEL, greedy_tokens: int = 2048, batch_tokens: int = 8192,
+def teal_trajectory(model, calib_tokens, *, step: float = 0.05, max_sparsity: float = 0.9,
+                    last_fraction: float = 0.25, max_level: float = MAX_LEVEL, batch_tokens: int = 8192,
                     max_values: int = 1 << 19, seed: int = 0, device=None, progress: bool = True) -> TealTrajectory:
-    """Run the greedy allocation of every block once (see the module doc).
+    """Run TEAL's greedy allocation of every block once (see the module doc), on all of
+    ``calib_tokens``: the activation histograms and the block inputs come from the dense model.
 
-    ``step``: sparsity step of the sites feeding the smallest matrices; a site feeding ``M_j``
-    MACs moves ``step * M_min / M_j``. ``greedy_tokens``: calibration tokens (the first
-    sequences) on which block-output errors are measured; the quantiles use all of them.
+    ``step``: TEAL's ``base_step_size``, the sparsity step of the sites feeding the smallest
+    matrices; a site feeding ``M_j`` MACs moves ``step * M_min / M_j``. ``max_sparsity``: each
+    block's path stops there (TEAL's default target 0.9). ``last_fraction``: the block-output error
+    is measured on that last share of the positions (TEAL's 0.25).
     """
     from thresholds.schedule import model_fingerprint
     from thresholds._core import tokens_sha256
     t0 = time.perf_counter()
+    if not 0 < step <= 1 or not 0 < last_fraction <= 1:
+        raise ValueError(f"teal: step and last_fraction must be in (0, 1], got {step} and {last_fraction}")
     names = block_sites(model)
-    T = calib_tokens.shape[1]
-    n_g = max(1, min(calib_tokens.shape[0], greedy_tokens // max(T - 1, 1)))
-    sub = calib_tokens[:n_g]
     points: list[list[tuple[float, dict[str, float]]]] = []
     with calibrating(model, device) as dev:
         caps = _dense_capture(model, calib_tokens, dev, names, batch_tokens, max_values, seed)
         natural = {n: caps[n].natural for n in names}
         sorted_vals = {n: caps[n].values.reshape(-1).sort().values for n in names}
-        stream = Stream(model, sub, dev, batch_tokens)
-        segs = stream.segs
-        bar = progress_bar(segs.n_blocks, "teal greedy", progress)
-        for i in range(segs.n_blocks):
-            a, b = segs.block_span(i)
-            stream.advance_to(a)
-            blk = [n for n in segs.block_sites(i) if n in names]
-            sites = [model.sites[n] for n in blk]
-            macs = {n: model.sites[n].width * model.sites[n].macs_per_event for n in blk}
-            w = {n: m / sum(macs.values()) for n, m in macs.items()}
-            delta = {n: step * min(macs.values()) / macs[n] for n in blk}
-            ref = [run_segments(model, h, a, b) for h in stream.h]
-            level = {n: natural[n] for n in blk}
-            thr = {n: 0.0 for n in blk}
-
-            def q(n, lv):
-                s = sorted_vals[n]
-                return float(s[min(len(s) - 1, max(0, int(math.ceil(lv * len(s))) - 1))]) if lv > 0 and len(s) else 0.0
-
-            pts = [(sum(w[n] * level[n] for n in blk), dict(thr))]
-            while pts[-1][0] < max_sparsity:
-                cand = [n for n in blk if level[n] + delta[n] <= max_level + 1e-9]
-                if not cand:
-                    break
-                new_t = {n: q(n, level[n] + delta[n]) for n in cand}
-                K = len(cand)
-                err = torch.zeros(K, dtype=torch.float64)
-                try:
-                    for h, r in zip(stream.h, ref):
-                        mb = h.shape[0]
-                        for n, s in zip(blk, sites):
-                            tv = torch.tensor([new_t[n] if c == n else thr[n] for c in cand], device=dev)
-                            set_raw_threshold(s, tv.repeat_interleave(mb).view(K * mb, 1, 1))
-                        y = run_segments(model, _rep(h, K), a, b)
-                        err += (y - r.repeat(K, 1, 1)).double().pow(2).view(K, -1).sum(1).cpu()
-                finally:
-                    for n, s in zip(blk, sites):
-                        s.threshold = torch.tensor(thr[n], device=dev)
-                best = cand[int(torch.argmin(err))]
-                level[best] += delta[best]
-                thr[best] = new_t[best]
-                for n, s in zip(blk, sites):
-                    s.threshold = torch.tensor(thr[n], device=dev)
-                pts.append((sum(w[n] * level[n] for n in blk), dict(thr)))
-            for s in sites:  # TEAL: every block is calibrated on the dense model's input
-                s.threshold = torch.zeros((), device=dev)
-            points.append(pts)
+        stream = Stream(model, calib_tokens, dev, batch_tokens)
+        bar = progress_bar(stream.segs.n_blocks, "teal greedy", progress)
+        for i in range(stream.segs.n_blocks):
+            points.append(_teal_block(model, stream, i, names, natural, sorted_vals, step, max_sparsity,
+                                      last_fraction, max_level))
             bar.update(1)
         bar.close()
-    params = dict(step=step, max_sparsity=max_sparsity, max_level=max_level, greedy_tokens=greedy_tokens, seed=seed)
+    params = dict(step=step, max_sparsity=max_sparsity, last_fraction=last_fraction, max_level=max_level,
+                  max_values=max_values, seed=seed)
     return TealTrajectory(points=points, natural=natural, params=params, cost_s=time.perf_counter() - t0,
                           fingerprint=model_fingerprint(model)["weights"], calib_sha256=tokens_sha256(calib_tokens))
 
 
-def teal(model, calib_tokens, *, sparsity: float, trajectory: TealTrajectory | None = None, step: float = 0.1,
-         max_sparsity: float = 0.95, greedy_tokens: int = 2048, batch_tokens: int = 8192, seed: int = 0,
+def teal_error(y: torch.Tensor, ref: torch.Tensor, last_fraction: float) -> torch.Tensor:
+    """TEAL's block-output error (``calculate_activation_error``), summed over rows: on the last
+    ``last_fraction`` of the positions, the L2 norm over positions of each (row, channel), averaged
+    over channels. ``y``, ``ref``: ``[B, T, C]``; returns ``[B]``."""
+    start = int(y.shape[1] * (1 - last_fraction))
+    return torch.linalg.vector_norm((y[:, start:] - ref[:, start:]).double(), dim=1).mean(-1)
+
+
+def _teal_block(model, stream, i, names, natural, sorted_vals, step, max_sparsity, last_fraction, max_level):
+    """One block's greedy path, from the dense model's input to the block (TEAL's ``process_layer``)."""
+    segs, dev = stream.segs, stream.device
+    a, b = segs.block_span(i)
+    stream.advance_to(a)
+    blk = [n for n in segs.block_sites(i) if n in names]
+    sites = [model.sites[n] for n in blk]
+    macs = {n: model.sites[n].width * model.sites[n].macs_per_event for n in blk}
+    w = {n: m / sum(macs.values()) for n, m in macs.items()}
+    delta = {n: step * min(macs.values()) / macs[n] for n in blk}
+    ref = [run_segments(model, h, a, b) for h in stream.h]
+    # every site starts at its natural zeros: the steps below them change nothing (zero extra
+    # error), so TEAL's greedy, which starts at 0, takes them first
+    level = {n: natural[n] for n in blk}
+    thr = {n: 0.0 for n in blk}
+
+    def q(n, lv):
+        s = sorted_vals[n]
+        return float(s[min(len(s) - 1, max(0, int(math.ceil(lv * len(s))) - 1))]) if lv > 0 and len(s) else 0.0
+
+    def set_all(values):
+        for n, s in zip(blk, sites):
+            s.threshold = torch.tensor(values[n], device=dev)
+
+    pts = [(sum(w[n] * level[n] for n in blk), dict(thr))]
+    try:
+        while pts[-1][0] < max_sparsity:
+            cand = [n for n in blk if level[n] + delta[n] <= max_level + 1e-9]
+            if not cand:
+                break
+            new_t = {n: q(n, level[n] + delta[n]) for n in cand}
+            K = len(cand)
+            err = torch.zeros(K, dtype=torch.float64)
+            for h, r in zip(stream.h, ref):
+                mb = h.shape[0]
+                for n, s in zip(blk, sites):
+                    tv = torch.tensor([new_t[n] if c == n else thr[n] for c in cand], device=dev)
+                    set_raw_threshold(s, tv.repeat_interleave(mb).view(K * mb, 1, 1))
+                y = run_segments(model, _rep(h, K), a, b)
+                err += teal_error(y, r.repeat(K, 1, 1), last_fraction).view(K, mb).sum(1).cpu()
+            best = cand[int(torch.argmin(err))]  # the first of equal errors, as TEAL's strict '<'
+            level[best] += delta[best]
+            thr[best] = new_t[best]
+            set_all(thr)
+            pts.append((sum(w[n] * level[n] for n in blk), dict(thr)))
+    finally:  # TEAL: every block is calibrated on the dense model's input
+        set_all({n: 0.0 for n in blk})
+    return pts
+
+
+def teal(model, calib_tokens, *, sparsity: float, trajectory: TealTrajectory | None = None, step: float = 0.05,
+         max_sparsity: float = 0.9, last_fraction: float = 0.25, batch_tokens: int = 8192, seed: int = 0,
          device=None, progress: bool = True, model_name: str | None = None, calib_description: str = "",
          algorithm: str = "teal") -> Schedule:
-    """TEAL-style schedule at a MAC-weighted target ``sparsity`` (every block at that target).
-    Pass a precomputed ``trajectory`` to reuse one greedy run for several targets (its cost is
-    then counted in each schedule's ``cost_s``)."""
+    """TEAL schedule at ``sparsity``: every block at the greedy point nearest that MAC-weighted
+    target. Pass a precomputed ``trajectory`` (made for these weights and tokens) to reuse one
+    greedy run for several targets; its cost is then counted in each schedule's ``cost_s``."""
+    from thresholds._core import tokens_sha256
+    from thresholds.schedule import model_fingerprint
     t0 = time.perf_counter()
     if trajectory is None:
         trajectory = teal_trajectory(model, calib_tokens, step=step, max_sparsity=max_sparsity,
-                                     greedy_tokens=greedy_tokens, batch_tokens=batch_tokens, seed=seed,
+                                     last_fraction=last_fraction, batch_tokens=batch_tokens, seed=seed,
                                      device=device, progress=progress)
         traj_cost = 0.0  # already inside this call's wall time
     else:
         traj_cost = trajectory.cost_s
+        if (trajectory.fingerprint != model_fingerprint(model)["weights"]
+                or trajectory.calib_sha256 != tokens_sha256(calib_tokens)):
+            raise ValueError("teal: the trajectory was computed for other weights or calibration tokens; "
+                             "recompute it with teal_trajectory(model, calib_tokens)")
     thresholds, reached = trajectory.thresholds_for(sparsity)
     with calibrating(model, device) as dev:
         sched = build_schedule(model, calib_tokens, thresholds, algorithm=algorithm,

@@ -35,44 +35,52 @@ from typing import Any, Callable
 import torch
 
 from thresholds import baselines
-from thresholds.sequential import sequential as _seq
+from thresholds.paper import paper as _paper, resolve_settings as _paper_settings
+from thresholds.sequential import resolve_settings as _sequential_settings, sequential as _sequential
 from thresholds._core import as_calib_tokens, tokens_sha256
 from thresholds.schedule import Schedule, ScheduleCache, ScheduleError, cache_key, model_fingerprint
 
-__all__ = ["calibrate", "ALGORITHMS", "resolve_params", "load_calib_tokens", "main", "format_table"]
+__all__ = ["calibrate", "match_sparsity", "schedule_key", "ALGORITHMS", "resolve_params", "load_calib_tokens", "main", "format_table"]
 
 
-def _paper(model, calib_tokens, **kw):
-    kw.setdefault("variant", "paper")
-    return _seq(model, calib_tokens, **kw)
-
-
-def _sequential(model, calib_tokens, **kw):
-    kw.setdefault("variant", "budget")
-    return _seq(model, calib_tokens, **kw)
-
-
-ALGORITHMS: dict[str, tuple[Callable[..., Schedule], dict]] = {
-    "sequential": (_sequential, {"variant": "budget"}),
-    "paper": (_paper, {"variant": "paper"}),
-    "uniform": (baselines.uniform, {}),
-    "teal": (baselines.teal, {}),
-    "cats": (baselines.cats, {}),
-    "finetune": (baselines.finetune, {}),
+ALGORITHMS: dict[str, Callable[..., Schedule]] = {
+    "sequential": _sequential,
+    "paper": _paper,
+    "uniform": baselines.uniform,
+    "teal": baselines.teal,
+    "cats": baselines.cats,
+    "finetune": baselines.finetune,
 }
-_IMPL = {"sequential": _seq, "paper": _seq, "uniform": baselines.uniform,
-         "teal": baselines.teal, "cats": baselines.cats, "finetune": baselines.finetune}
-# arguments that change how, not what, is computed: not part of the cache key
-_NOT_KEYED = {"device", "progress", "model_name", "calib_description", "algorithm", "trajectory", "batch_tokens",
+# arguments that change how, not what, is computed (at most the float rounding): not in the cache key
+_NOT_KEYED = {"device", "progress", "model_name", "calib_description", "algorithm", "batch_tokens",
               "candidate_batch"}
+_SEQ_SETTINGS = ("tolerance", "levels", "per_channel", "share", "include_head", "search", "scan", "patience", "margin",
+                 "quantiles", "horizon", "rule", "kappa", "objective", "floor", "floor_share", "max_rows", "shrink", "seed")
+_TEAL_OWN = ("step", "max_sparsity", "last_fraction", "seed")  # a given trajectory's own settings replace these
+
+
+def _settings(algorithm: str, p: dict) -> dict:
+    """Every default an algorithm resolves inside, resolved here too, so that a key never holds a
+    ``None`` that stands for "pick later" (``horizon=None`` and ``shrink=None`` are settings)."""
+    if algorithm == "sequential":
+        p.update(_sequential_settings({n: p[n] for n in _SEQ_SETTINGS}))
+    elif algorithm == "paper":
+        p.update(_paper_settings({n: p[n] for n in ("tolerance", "levels")}))
+    elif algorithm == "teal" and p.get("trajectory") is not None:
+        for n in _TEAL_OWN:
+            p.pop(n, None)
+    elif algorithm == "finetune" and p.get("init_sparsity") is None:
+        p["init_sparsity"] = p["sparsity"] if p.get("sparsity") is not None else 0.5
+    return p
 
 
 def resolve_params(algorithm: str, params: dict) -> dict:
-    """The algorithm's keyword defaults overlaid with ``params`` (unknown names are an error)."""
+    """The algorithm's keyword defaults overlaid with ``params`` (unknown names are an error), with
+    every default resolved as the algorithm resolves it (see :func:`_settings`)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     known: dict[str, Any] = {}
-    fns = [_IMPL[algorithm]] + ([baselines.quantile_schedule] if algorithm in ("uniform", "cats") else [])
+    fns = [ALGORITHMS[algorithm]] + ([baselines.quantile_schedule] if algorithm in ("uniform", "cats") else [])
     for fn in reversed(fns):  # the algorithm's own defaults win
         sig = inspect.signature(fn)
         known.update({n: p.default for n, p in sig.parameters.items()
@@ -81,12 +89,11 @@ def resolve_params(algorithm: str, params: dict) -> dict:
     if unknown:
         raise TypeError(f"{algorithm}: unknown parameter(s) {unknown}; it takes {sorted(set(known) - _NOT_KEYED)}")
     out = {n: d for n, d in known.items() if d is not inspect.Parameter.empty}
-    out.update(ALGORITHMS[algorithm][1])
     out.update(params)
     missing = [n for n, d in known.items() if d is inspect.Parameter.empty and n not in out]
     if missing:
         raise TypeError(f"{algorithm}: missing required parameter(s) {missing} (e.g. sparsity=0.5)")
-    return out
+    return _settings(algorithm, out)
 
 
 def _key_params(resolved: dict) -> dict:
@@ -94,8 +101,19 @@ def _key_params(resolved: dict) -> dict:
     for n, v in resolved.items():
         if n in _NOT_KEYED:
             continue
-        out[n] = v.to_dict() if isinstance(v, Schedule) else v
+        if isinstance(v, baselines.TealTrajectory):
+            v = v.key()
+        elif isinstance(v, Schedule):
+            v = {"thresholds": dict(v.thresholds), "fingerprint": dict(v.fingerprint), "algorithm": v.algorithm,
+                 "params": dict(v.params), "calibration": dict(v.calibration)}
+        out[n] = v
     return out
+
+
+def schedule_key(model, tokens: torch.Tensor, algorithm: str, resolved: dict) -> str:
+    """The cache key of ``algorithm`` with ``resolved`` parameters (:func:`resolve_params`) on these
+    weights and calibration tokens (``[N, T]``)."""
+    return cache_key(model_fingerprint(model), algorithm, _key_params(resolved), tokens_sha256(tokens))
 
 
 def calibrate(model, calib_tokens, algorithm: str = "sequential", *, cache: bool | str | os.PathLike | ScheduleCache = True,
@@ -116,20 +134,53 @@ def calibrate(model, calib_tokens, algorithm: str = "sequential", *, cache: bool
     key = None
     if store is not None:
         t0 = time.perf_counter()
-        key = cache_key(model_fingerprint(model), algorithm, _key_params(resolved), tokens_sha256(tokens))
+        key = schedule_key(model, tokens, algorithm, resolved)
         hit = store.get(key, algorithm, model=model)
         if hit is not None:
             return hit.replace(extra={**dict(hit.extra), "cache": {"hit": True, "key": key, "path": str(store.path(key, algorithm)),
                                                                   "loaded_in_s": time.perf_counter() - t0}})
-    fn = ALGORITHMS[algorithm][0]
-    call = {n: v for n, v in params.items()}
+    fn = ALGORITHMS[algorithm]
     sched = fn(model, tokens, device=device, progress=progress, model_name=model_name,
-               calib_description=calib_description, algorithm=algorithm, **call)
+               calib_description=calib_description, algorithm=algorithm, **params)
     if store is not None:
         store.put(key, sched)
         sched = sched.replace(extra={**dict(sched.extra), "cache": {"hit": False, "key": key,
                                                                     "path": str(store.path(key, algorithm))}})
     return sched
+
+
+def match_sparsity(model, calib_tokens, algorithm: str, goal: float, *, tol: float = 0.002, lo: float = 0.0,
+                   hi: float = 0.99, iters: int = 24, cache: bool | str | os.PathLike | ScheduleCache = True,
+                   **params) -> Schedule:
+    """The ``algorithm`` schedule whose measured MAC-weighted calibration sparsity is nearest ``goal``,
+    found by bisection on its ``sparsity`` knob in ``[lo, hi]`` (the measured sparsity is not the
+    knob: the thresholds come from the dense model's activations, and earlier thresholds change
+    later sites' inputs). Stops once within ``tol`` (0.2 points); the best probe is returned, above
+    or below the goal, with ``extra["match"]`` = goal, achieved, ``within``, every probe, and the
+    probes' summed cost. Where no knob value comes within ``tol`` (a target beyond the method's
+    reach), ``extra["target_reached"]`` is False."""
+    if not 0 <= goal < 1 or not lo < hi:
+        raise ValueError(f"match_sparsity: goal must be in [0, 1) and lo < hi, got {goal}, [{lo}, {hi}]")
+    probes: list[tuple[float, float]] = []
+    best, cost = None, 0.0
+    knob = min(max(goal, lo), hi)  # the first guess: the knob at the goal itself
+    for _ in range(iters):
+        s = calibrate(model, calib_tokens, algorithm, cache=cache, sparsity=knob, **params)
+        sp = s.sparsity_mac_weighted
+        probes.append((knob, sp))
+        cost += s.cost_s
+        if best is None or abs(sp - goal) < abs(best.sparsity_mac_weighted - goal):
+            best = s
+        if abs(sp - goal) <= tol:
+            break
+        lo, hi = (knob, hi) if sp < goal else (lo, knob)
+        knob = (lo + hi) / 2
+    achieved = best.sparsity_mac_weighted
+    match = dict(goal=goal, achieved=achieved, within=abs(achieved - goal) <= tol, tol=tol, probes=probes, cost_s=cost)
+    extra = {**dict(best.extra), "match": match}
+    if not match["within"]:
+        extra["target_reached"] = False
+    return best.replace(extra=extra)
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,7 +259,6 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384 = 64 x 256)")
     p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length")
     p.add_argument("--per-channel", action="store_true", help="sequential: one threshold per channel")
-    p.add_argument("--cats-sites", choices=("ffn", "inner"), default=None, help="cats: which FFN sites")
     p.add_argument("--steps", type=int, default=None, help="finetune: optimizer steps")
     p.add_argument("--device", default=None, help="cpu or cuda")
     p.add_argument("--out", required=True, help="schedule JSON to write")
@@ -264,8 +314,6 @@ def main(argv=None) -> int:
         params["sparsity"] = a.sparsity
         if a.target and alg in ("uniform", "cats"):
             params["target"] = a.target
-        if a.cats_sites and alg == "cats":
-            params["sites"] = a.cats_sites
         if a.steps and alg == "finetune":
             params["steps"] = a.steps
     cache = False if a.no_cache else (a.cache_dir or True)

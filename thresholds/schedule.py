@@ -11,13 +11,15 @@ atomically. :meth:`Schedule.load` validates everything and turns every problem i
 :class:`ScheduleError` whose one-line message names the file, the site and what to do.
 
 :class:`ScheduleCache` stores schedules under a key hashed from their inputs (model
-fingerprint including a weights digest, algorithm + resolved parameters, calibration-token
-hash, code version), so a rerun with the same inputs returns at once.
+fingerprint including a digest of every weight, algorithm + resolved parameters, calibration-token
+hash, code version and a digest of the algorithms' source), so a rerun with the same inputs
+returns at once and a change of any of them recomputes.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 import math
@@ -29,11 +31,15 @@ from typing import Any, Mapping
 import torch
 
 __all__ = ["Schedule", "ScheduleError", "ScheduleCache", "model_fingerprint", "weights_digest",
-           "cache_key", "default_cache_dir", "FORMAT", "VERSION", "CODE_VERSION"]
+           "cache_key", "code_digest", "default_cache_dir", "FORMAT", "VERSION", "CODE_VERSION"]
 
 FORMAT = "event-rwkv-schedule"
 VERSION = 1
-CODE_VERSION = "thresholds-1"  # part of every cache key: bump when an algorithm's output changes
+CODE_VERSION = "thresholds-2"  # part of every cache key, beside code_digest(): bump when an algorithm's output changes
+# the modules whose code decides a schedule: the cache key holds a digest of their source, so an
+# edit anywhere in them (even one nobody thought to mark with a CODE_VERSION bump) is a cache miss
+_ALGORITHM_SOURCES = ("thresholds/_core.py", "thresholds/sequential.py", "thresholds/paper.py",
+                      "thresholds/baselines.py", "rllm/model.py", "rllm/wkv.py", "rllm/opt.py", "rllm/events.py")
 
 
 class ScheduleError(ValueError):
@@ -48,19 +54,16 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def weights_digest(model: torch.nn.Module, samples: int = 1024) -> str:
-    """A cheap digest of the weights: name, shape and ``samples`` evenly spaced values of every
-    parameter, rounded to bfloat16 (so a bf16 copy of an fp32 model has the same digest)."""
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter: its name, dtype, shape and all of its bytes (about 1 GB/s, so
+    50 ms for a 5M-parameter model, seconds for a billion). Any change of any weight changes it;
+    a bfloat16 copy of a float32 model is other weights, as its thresholds may be."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        flat = p.detach().reshape(-1)
-        n = flat.numel()
-        k = min(samples, n)  # evenly spaced indices, in integers (float32 linspace overshoots past 2^24)
-        idx = (torch.arange(k, device=flat.device) * (n - 1)) // max(k - 1, 1) if n else None
-        vals = flat[idx].to("cpu", torch.bfloat16).view(torch.int16) if n else torch.zeros(0, dtype=torch.int16)
-        h.update(f"{name}:{tuple(p.shape)}:".encode())
-        h.update(vals.numpy().tobytes())
-    return h.hexdigest()[:16]
+        t = p.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:24]
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict:
@@ -239,12 +242,12 @@ class Schedule:
         """Read and validate a schedule (against ``model`` if given). Any problem -> :class:`ScheduleError`."""
         path = Path(path)
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as e:
             raise ScheduleError(f"{path}: cannot read the schedule ({e.strerror or e}); check the path") from None
         try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            d = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ScheduleError(f"{path}: not JSON ({e}); it is not a schedule written by thresholds.calibrate") from None
         return cls.from_dict(d, source=str(path), model=model, check_weights=check_weights)
 
@@ -299,10 +302,24 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "event-rwkv") / "schedules"
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """SHA-256 of the source of the modules that compute schedules (``_ALGORITHM_SOURCES``)."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in _ALGORITHM_SOURCES:
+        f = root / rel
+        h.update(rel.encode() + b"\0" + (f.read_bytes() if f.exists() else b"<missing>") + b"\0")
+    return h.hexdigest()[:16]
+
+
 def cache_key(fingerprint: Mapping, algorithm: str, params: Mapping, calib_sha256: str) -> str:
-    """Hash of everything a schedule depends on (weights included, via the fingerprint)."""
-    return _sha({"code": CODE_VERSION, "arch": fingerprint.get("arch"), "weights": fingerprint.get("weights"),
-                 "algorithm": algorithm, "params": _jsonable(dict(params)), "calib": calib_sha256})[:24]
+    """Hash of everything a schedule depends on: the code (version and source digest), the
+    architecture and every weight (via the fingerprint), the algorithm, its resolved parameters and
+    the calibration tokens."""
+    return _sha({"code": CODE_VERSION, "source": code_digest(), "arch": fingerprint.get("arch"),
+                 "weights": fingerprint.get("weights"), "algorithm": algorithm, "params": _jsonable(dict(params)),
+                 "calib": calib_sha256})[:24]
 
 
 class ScheduleCache:

@@ -65,9 +65,13 @@ class Document:
 
 @dataclass(frozen=True)
 class Splits:
+    """Whole works: ``train``; ``calib`` (threshold calibration, checkpoint selection); ``eval`` (the
+    final evaluation); ``dev`` (optional: choosing among methods, never scored by the final evaluation)."""
+
     train: tuple[Document, ...]
     calib: tuple[Document, ...]
     eval: tuple[Document, ...]
+    dev: tuple[Document, ...] = ()
 
 
 # --- fetching ---------------------------------------------------------------------------
@@ -243,9 +247,27 @@ def load_splits(cache: str | os.PathLike | None = None) -> Splits:
     return split_documents(load_documents(cache))
 
 
-def join_texts(docs, max_chars: int | None = None, sep: str = "\n") -> str:
-    """Documents joined by a blank line, cut at a line boundary to at most ``max_chars`` characters."""
-    text = sep.join(d.text for d in docs)
+def trim_text(text: str, max_chars: int) -> str:
+    """``text`` cut to at most ``max_chars`` characters: at the last line break, or failing that
+    (a one-line address) after the last sentence end, or at the last space."""
+    if len(text) <= max_chars:
+        return text
+    head = text[:max_chars]
+    cut = head.rfind("\n")
+    if cut < max_chars // 2:
+        ends = [head.rfind(p) for p in (". ", "! ", "? ")]
+        cut = max(ends) + 1 if max(ends) >= max_chars // 2 else head.rfind(" ")
+    return head[:cut].rstrip() + "\n" if cut > 0 else head
+
+
+def join_texts(docs, max_chars: int | None = None, sep: str = "\n", per_doc_chars: int | None = None) -> str:
+    """Documents joined by a blank line, cut at a line boundary to at most ``max_chars`` characters.
+
+    ``per_doc_chars``: first cut each document to that many characters (``trim_text``), so that
+    every document is represented.
+    """
+    texts = [d.text if per_doc_chars is None else trim_text(d.text, per_doc_chars) for d in docs]
+    text = sep.join(texts)
     if max_chars is not None and len(text) > max_chars:
         cut = text.rfind("\n", 0, max_chars)
         text = text[: cut + 1 if cut > 0 else max_chars]

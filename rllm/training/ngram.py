@@ -1,4 +1,4 @@
-"""An interpolated Kneser-Ney n-gram language model over token ids: the baseline for ``rwkv_tiny``.
+"""An interpolated Kneser-Ney n-gram language model over token ids: the baseline for the embedded models.
 
 Chen & Goodman's interpolated Kneser-Ney with one absolute discount per order,
 ``D_k = n1 / (n1 + 2 n2)`` (n1, n2: how many k-grams have count 1 and 2)::
@@ -12,8 +12,11 @@ orders use continuation counts (the number of distinct tokens seen before the k-
 never seen at order k backs off to order k - 1 entirely. Every distribution sums to 1 over the
 whole vocabulary, unseen tokens included.
 
-Tables are sorted numpy arrays of n-grams packed into int64 keys (``sum_j w_j V^(k-1-j)``),
-looked up with ``searchsorted``: two million training tokens take a few seconds.
+Tables are sorted numpy arrays looked up with ``searchsorted``. A k-gram's key is
+``rank(its first k-1 tokens) * V + its last token``, where the rank is the (k-1)-gram's index
+among the distinct (k-1)-grams of the training stream (for k = 1 the key is the token). Keys
+stay below ``tokens * V`` at any order, so a 5-gram over a 12k-token vocabulary fits int64
+(``V ** 5`` would not). Two million training tokens take a few seconds.
 """
 from __future__ import annotations
 
@@ -25,12 +28,13 @@ import numpy as np
 
 @dataclass
 class _Order:
-    keys: np.ndarray  # sorted unique k-gram keys
+    keys: np.ndarray  # sorted keys of the k-grams in this order's distribution
     counts: np.ndarray  # c_k of each key (raw at the top order, continuation counts below)
-    hist_keys: np.ndarray  # sorted unique (k-1)-gram histories (empty for k = 1)
+    hist_keys: np.ndarray  # sorted ranks of the (k-1)-gram histories (empty for k = 1)
     hist_sum: np.ndarray  # S_k(h)
     hist_types: np.ndarray  # T_k(h)
     discount: float
+    types: np.ndarray  # sorted keys of every distinct k-gram of the stream: a k-gram's rank is its index here
 
 
 @dataclass
@@ -43,15 +47,6 @@ class NGramLM:
     def __repr__(self) -> str:
         sizes = ", ".join(str(len(o.keys)) for o in self.orders)
         return f"NGramLM(order={self.order}, vocab_size={self.vocab_size}, tokens={self.num_tokens}, ngrams=[{sizes}])"
-
-
-def _pack(ids: np.ndarray, k: int, V: int) -> np.ndarray:
-    """Keys of all k-grams of the stream ``ids`` (length n - k + 1)."""
-    n = len(ids) - k + 1
-    key = np.zeros(max(n, 0), dtype=np.int64)
-    for j in range(k):
-        key = key * V + ids[j:j + n]
-    return key
 
 
 def _discount(counts: np.ndarray) -> float:
@@ -72,42 +67,71 @@ def _lookup(table: np.ndarray, values: np.ndarray, queries: np.ndarray, default=
     return np.where(hit, values[pos], default)
 
 
+def _rank(types: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Index of each key in the sorted ``types`` (-1 where absent, or where the key is negative)."""
+    if len(types) == 0:
+        return np.full(keys.shape, -1, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(types, keys), len(types) - 1)
+    return np.where((types[pos] == keys) & (keys >= 0), pos, -1)
+
+
+def _stream_types(ids: np.ndarray, order: int, V: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per order k: (distinct k-gram keys, their raw counts, the position of one occurrence of
+    each, the rank of the k-gram starting at each position 0..n-k)."""
+    out = []
+    rank = None
+    for k in range(1, order + 1):
+        n = len(ids) - k + 1
+        key = ids[:n] if k == 1 else rank[:n] * V + ids[k - 1:k - 1 + n]
+        types, first, rank, counts = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
+        out.append((types, counts.astype(np.int64), first, rank.astype(np.int64)))
+    return out
+
+
 def train_ngram(token_ids, vocab_size: int, order: int = 4) -> NGramLM:
     """Fit an interpolated Kneser-Ney model of ``order`` on one token stream."""
     if order < 1:
         raise ValueError(f"order must be >= 1, got {order}")
-    if float(vocab_size) ** order >= 2.0 ** 63:
-        raise ValueError(f"vocab_size {vocab_size} ** order {order} does not fit int64 n-gram keys; use a lower order")
     ids = np.asarray(token_ids, dtype=np.int64)
     if len(ids) < order:
         raise ValueError(f"need at least {order} tokens to train an order-{order} model, got {len(ids)}")
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
     V = vocab_size
-    # Unique k-grams (types) with raw counts, k = 1..order.
-    types = []
-    for k in range(1, order + 1):
-        keys, counts = np.unique(_pack(ids, k, V), return_counts=True)
-        types.append((keys, counts.astype(np.int64)))
+    stream = _stream_types(ids, order, V)
     orders = []
     for k in range(1, order + 1):
+        types, raw_counts, _, rank = stream[k - 1]
         if k == order:
-            keys, counts = types[k - 1]
-        else:  # continuation counts: distinct left extensions of each k-gram
-            suffix = types[k][0] % (V ** k)
-            keys, counts = np.unique(suffix, return_counts=True)
-            counts = counts.astype(np.int64)
+            keys, counts = types, raw_counts
+        else:  # continuation counts: distinct left extensions of each k-gram (the suffix of a (k+1)-gram type)
+            suffix_rank = rank[stream[k][2] + 1]
+            ranks, counts = np.unique(suffix_rank, return_counts=True)
+            keys, counts = types[ranks], counts.astype(np.int64)
         if k == 1:
             hist_keys = np.zeros(0, dtype=np.int64)
             hist_sum = np.array([counts.sum()], dtype=np.int64)
             hist_types = np.array([len(keys)], dtype=np.int64)
         else:
-            hist = keys // V
-            hist_keys, start = np.unique(hist, return_index=True)
+            hist_keys, start = np.unique(keys // V, return_index=True)
             hist_sum = np.add.reduceat(counts, start)
             hist_types = np.diff(np.append(start, len(keys))).astype(np.int64)
-        orders.append(_Order(keys, counts, hist_keys, hist_sum, hist_types, _discount(counts)))
+        orders.append(_Order(keys, counts, hist_keys, hist_sum, hist_types, _discount(counts), types))
     return NGramLM(order, V, orders, len(ids))
+
+
+def _history_ranks(model: NGramLM, ctx: np.ndarray) -> list[np.ndarray]:
+    """``ranks[k]``: rank of the last ``k`` context tokens among the training stream's k-grams
+    (-1 when unseen or when the context is shorter), for k = 1..order-1."""
+    V, m = model.vocab_size, ctx.shape[1]
+    ranks = [None]
+    for k in range(1, model.order):
+        r = _rank(model.orders[0].types, ctx[:, m - k])
+        for j in range(1, k):
+            tok = ctx[:, m - k + j]
+            r = np.where((r >= 0) & (tok >= 0), _rank(model.orders[j].types, np.maximum(r, 0) * V + tok), -1)
+        ranks.append(r)
+    return ranks
 
 
 def _prob(model: NGramLM, ctx: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -117,17 +141,14 @@ def _prob(model: NGramLM, ctx: np.ndarray, w: np.ndarray) -> np.ndarray:
     c1 = _lookup(o1.keys, o1.counts, w).astype(np.float64)
     S1, T1 = float(o1.hist_sum[0]), float(o1.hist_types[0])
     p = np.maximum(c1 - o1.discount, 0.0) / S1 + o1.discount * T1 / S1 / V
+    ranks = _history_ranks(model, ctx)
     for k in range(2, model.order + 1):
         o = model.orders[k - 1]
-        hist = ctx[:, ctx.shape[1] - (k - 1):]
-        valid = np.all(hist >= 0, axis=1)
-        hkey = np.zeros(len(w), dtype=np.int64)
-        for j in range(k - 1):
-            hkey = hkey * V + np.maximum(hist[:, j], 0)
-        S = _lookup(o.hist_keys, o.hist_sum, hkey).astype(np.float64)
-        T = _lookup(o.hist_keys, o.hist_types, hkey).astype(np.float64)
-        c = _lookup(o.keys, o.counts, hkey * V + w).astype(np.float64)
-        use = valid & (S > 0)
+        h = ranks[k - 1]
+        S = _lookup(o.hist_keys, o.hist_sum, h).astype(np.float64)
+        T = _lookup(o.hist_keys, o.hist_types, h).astype(np.float64)
+        c = _lookup(o.keys, o.counts, np.where(h >= 0, h * V + w, -1)).astype(np.float64)
+        use = (h >= 0) & (S > 0)
         S_safe = np.where(use, S, 1.0)
         p_k = np.maximum(c - o.discount, 0.0) / S_safe + o.discount * T / S_safe * p
         p = np.where(use, p_k, p)
