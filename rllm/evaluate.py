@@ -621,9 +621,10 @@ class MCItem:
         return [(self.context + c, self.target_delimiter + self.continuation) for c in self.choices]
 
     def norm_lengths(self, norm: str = "chars") -> list[int]:
-        """Lengths for ``acc_norm``: of each choice (lm-eval: characters, no delimiter), or of
-        the shared continuation in the partial-context form (so there ``acc_norm == acc``)."""
-        texts = self.choices if self.continuation is None else [self.continuation] * len(self.choices)
+        """Lengths for ``acc_norm``: of each of lm-eval's choice strings (characters, no delimiter):
+        the choice itself, or in the partial-context form ``context + choice`` (lm-eval's
+        ``doc_to_choice`` of WinoGrande is ``sentence[:_] + option``)."""
+        texts = self.choices if self.continuation is None else [self.context + c for c in self.choices]
         if norm == "chars":
             return [len(t) for t in texts]
         if norm == "bytes":
@@ -805,6 +806,35 @@ def winogrande_item(doc: Mapping) -> MCItem:
     return MCItem(sentence[:i], options, int(answer) - 1, continuation=sentence[i + 1:].strip())
 
 
+def _choice_texts(doc: Mapping, kind: str) -> tuple[list[str], list[str]]:
+    choices = _get(doc, "choices", kind)
+    if not isinstance(choices, Mapping):
+        raise _RecordError(f"{kind} choices must be {{text: [...], label: [...]}}, got {type(choices).__name__}")
+    texts, labels = list(_get(choices, "text", kind)), [str(x) for x in _get(choices, "label", kind)]
+    if len(texts) != len(labels):
+        raise _RecordError(f"{kind} choices have {len(texts)} texts but {len(labels)} labels")
+    return texts, labels
+
+
+def openbookqa_item(doc: Mapping) -> MCItem:
+    """OpenBookQA as lm-eval asks it: context ``question_stem`` (no prefix), each of
+    ``choices.text`` a choice; ``answerKey`` (leading spaces stripped) names the right label."""
+    texts, labels = _choice_texts(doc, "openbookqa")
+    key = str(_get(doc, "answerKey", "openbookqa")).lstrip()
+    if key not in labels:
+        raise _RecordError(f"openbookqa answerKey {key!r} is not one of the choice labels {labels}")
+    return MCItem(_get(doc, "question_stem", "openbookqa"), tuple(texts), labels.index(key))
+
+
+def sciq_item(doc: Mapping) -> MCItem:
+    """SciQ as lm-eval asks it: ``"{support.lstrip()}\nQuestion: {question}\nAnswer:"``, choices
+    ``distractor1..3`` then ``correct_answer``, so the right one is always the fourth."""
+    support = _get(doc, "support", "sciq")
+    choices = tuple(_get(doc, k, "sciq") for k in ("distractor1", "distractor2", "distractor3", "correct_answer"))
+    context = f"{(support or '').lstrip()}\nQuestion: {_get(doc, 'question', 'sciq')}\nAnswer:"
+    return MCItem(context, choices, 3)
+
+
 def lambada_item(doc: Mapping) -> ClozeItem:
     """LAMBADA: ``{"text": passage}``; the last word is the target (``ClozeItem.from_text``)."""
     text = _get(doc, "text", "lambada")
@@ -822,6 +852,8 @@ PARSERS: dict[str, Callable[[Mapping], MCItem | ClozeItem]] = {
     "hellaswag": hellaswag_item,
     "arc": arc_item,
     "winogrande": winogrande_item,
+    "openbookqa": openbookqa_item,
+    "sciq": sciq_item,
     "lambada": lambada_item,
 }
 TASK_KINDS = tuple(PARSERS)
@@ -836,6 +868,10 @@ def detect_kind(doc: Mapping) -> str | None:
         return "hellaswag"
     if {"sentence", "option1", "option2"} <= keys:
         return "winogrande"
+    if {"question_stem", "choices"} <= keys:
+        return "openbookqa"
+    if {"question", "distractor1", "correct_answer"} <= keys:
+        return "sciq"
     if "question" in keys and ("answerKey" in keys or "choices" in keys):
         return "arc"
     if {"context", "choices"} <= keys:

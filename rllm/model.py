@@ -220,8 +220,10 @@ class RWKV(nn.Module):
         return RWKVState(zeros, zeros.clone(), aa.expand(L, -1, -1).clone(), bb.expand(L, -1, -1).clone(),
                          pp.expand(L, -1, -1).clone())
 
-    def forward(self, idx: torch.Tensor, state: RWKVState | None = None, return_state: bool = False):
-        """Sequence mode. ``idx``: ``[B, T]`` token ids. Optionally continues from ``state``."""
+    def forward(self, idx: torch.Tensor, state: RWKVState | None = None, return_state: bool = False,
+                logits: bool = True):
+        """Sequence mode. ``idx``: ``[B, T]`` token ids. Optionally continues from ``state``.
+        ``logits=False`` skips the head (None in its place): for a prefix run only for its state."""
         x = self.emb(idx)
         new_layers = []
         for i, b in enumerate(self.blocks):
@@ -233,8 +235,8 @@ class RWKV(nn.Module):
             dx, ffn_x = b.ffn(b.ln2(x), ffn_x)
             x = x + dx
             new_layers.append((att_x, wkv, ffn_x))
-        logits = self.head(self.head_site(self.ln_out(x)))
-        return (logits, RWKVState.stack(new_layers)) if return_state else logits
+        out = self.head(self.head_site(self.ln_out(x))) if logits else None
+        return (out, RWKVState.stack(new_layers)) if return_state else out
 
     def step(self, token: torch.Tensor, state: RWKVState | None = None) -> tuple[torch.Tensor, RWKVState]:
         """Recurrent mode: one token per sequence. ``token``: ``[B]``; returns logits ``[B, vocab]`` and the new state."""
@@ -309,6 +311,18 @@ def randomize_weights(model: RWKV, seed: int = 0) -> RWKV:
         else:
             p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return model
+
+
+def random_rwkv(cfg: RWKVConfig, seed: int = 0) -> RWKV:
+    """``randomize_weights(RWKV(cfg), seed)``, the same weights without RWKV-4's own initialization
+    first: its orthogonal matrices (a QR of the 50,277-row head) take ~25 s on the 169M shape, and
+    randomize_weights overwrites every parameter anyway."""
+    with torch.device("meta"):
+        model = RWKV(cfg)
+    model = model.to_empty(device="cpu")
+    for site in model.sites.values():  # the only buffers: not parameters, so not randomized
+        site.threshold = torch.zeros(())
+    return randomize_weights(model, seed=seed)
 
 
 def sequence_loss(model: RWKV, idx: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,7 @@ class LoadedModel:
     name: str                       # zoo name, or the checkpoint's own name
     source: Path                    # the file or directory the weights were read from
     format: str                     # FORMAT_BLINKDL, FORMAT_HF, FORMAT_OURS or FORMAT_HF_OPT
+    tokenizer_source: str = ""      # where a GPT-NeoX tokenizer was found for it, or "tried: ..." (Pile vocabulary)
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def load_model(source: str | os.PathLike, weights: str | os.PathLike | None = No
         if path.exists():
             if weights is not None:
                 raise ModelLoadError(f"{path}: weights= is only for zoo names; pass the path alone")
-            return load_checkpoint(path, dtype=dtype, device=device)
+            return _with_pile_tokenizer(load_checkpoint(path, dtype=dtype, device=device), download)
         if _looks_like_path(str(text)):
             raise ModelLoadError(
                 f"{path}: no such file or directory; pass a BlinkDL .pth, a Hugging Face RWKV directory, a "
@@ -126,7 +127,18 @@ def load_model(source: str | os.PathLike, weights: str | os.PathLike | None = No
     tok = loaded.tokenizer
     if tok is None and found.tokenizer is not None:
         tok = _load_tokenizer(found.tokenizer)
-    return dataclasses.replace(loaded, config=cfg, tokenizer=tok, name=entry.name)
+    return _with_pile_tokenizer(dataclasses.replace(loaded, config=cfg, tokenizer=tok, name=entry.name), download)
+
+
+def _with_pile_tokenizer(loaded: LoadedModel, download: bool | None) -> LoadedModel:
+    """An RWKV model with the Pile's vocabulary and no tokenizer of its own gets the GPT-NeoX-20B
+    one from wherever :func:`rllm.pile.neox_tokenizer` finds it; ``tokenizer_source`` says where,
+    or what was tried."""
+    from rllm.pile import NEOX_VOCAB, neox_tokenizer
+    if loaded.tokenizer is not None or loaded.format == FORMAT_HF_OPT or loaded.config.vocab_size != NEOX_VOCAB:
+        return loaded
+    tok, how = neox_tokenizer(beside=loaded.source, download=download)
+    return dataclasses.replace(loaded, tokenizer=tok, tokenizer_source=how)
 
 
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
