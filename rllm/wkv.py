@@ -17,7 +17,9 @@ torch (autograd and any device work), vectorized over batch, channels and chunk 
 All WKV arithmetic is float32 whatever the model's dtype, as in the reference CUDA kernel.
 
 On CPU without autograd, ``wkv_sequence`` runs ``_wkv_numba``: the recurrence itself, token by
-token, parallel over batch x channels; it is ~100x faster there than the chunked tensors.
+token, parallel over batch x channels; it is ~100x faster there than the chunked tensors. On
+CUDA without autograd it runs the same recurrence as one Triton kernel (``rllm.gpu.wkv``)
+where Triton is installed.
 """
 from __future__ import annotations
 
@@ -96,6 +98,16 @@ def _wkv_cpu(k, v, time_decay, time_first, state):
     return torch.from_numpy(out), tuple(torch.from_numpy(s) for s in (aa, bb, pp))
 
 
+def _recurrence_backend(device: torch.device) -> str:
+    """The token-by-token kernel for ``device`` where one exists, else the chunked torch form."""
+    if device.type == "cpu":
+        return "numba"
+    if device.type == "cuda":
+        from rllm.gpu.wkv import HAS_TRITON
+        return "triton" if HAS_TRITON else "torch"
+    return "torch"
+
+
 def wkv_sequence(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -108,8 +120,9 @@ def wkv_sequence(
     """WKV over a whole sequence. ``k, v``: ``[B, T, C]``; returns ``wkv [B, T, C]`` float32 and the final state.
 
     ``backend``: ``"torch"`` (chunked tensors of length ``chunk``: autograd, any device),
-    ``"numba"`` (the recurrence, CPU, no autograd) or ``"auto"`` (numba on CPU when no gradient
-    is needed, torch otherwise). Agrees with ``wkv_step`` applied token by token (to float32 rounding).
+    ``"numba"`` (the recurrence, CPU, no autograd), ``"triton"`` (the recurrence, CUDA, no
+    autograd) or ``"auto"`` (numba on CPU and Triton on CUDA when no gradient is needed and the
+    kernel is available, torch otherwise). Agrees with ``wkv_step`` applied token by token (to float32 rounding).
     """
     B, T, C = k.shape
     if state is None:
@@ -117,11 +130,14 @@ def wkv_sequence(
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (k, v, time_decay, time_first, *state))
     if backend == "auto":
-        backend = "numba" if k.device.type == "cpu" and not needs_grad else "torch"
+        backend = "torch" if needs_grad else _recurrence_backend(k.device)
+    if backend in ("numba", "triton") and needs_grad:
+        raise ValueError(f"the {backend} WKV has no autograd: use backend='torch' for training")
     if backend == "numba":
-        if needs_grad:
-            raise ValueError("the numba WKV has no autograd: use backend='torch' for training")
         return _wkv_cpu(k, v, time_decay, time_first, state)
+    if backend == "triton":
+        from rllm.gpu.wkv import wkv_triton  # lazy: Triton's import is slow and CUDA-only
+        return wkv_triton(k, v, time_decay, time_first, state)
     k = k.float()
     v = v.float()
     w = torch.exp(time_decay.float())  # per-step decay of the logits, > 0

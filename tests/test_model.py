@@ -61,6 +61,34 @@ def test_wkv_sequence_matches_definition(backend, chunk):
     assert (nxt - wkv_step(k[:, -1], v[:, -1], td, tf, ref_state)[0]).abs().max() < 1e-5
 
 
+TRITON_WKV = """
+import torch
+from rllm.wkv import wkv_sequence
+g = torch.Generator().manual_seed(3)
+k, v = torch.randn(2, 50, 200, generator=g) * 3, torch.randn(2, 50, 200, generator=g)
+td, tf = torch.randn(200, generator=g), torch.randn(200, generator=g)
+ref, rs = wkv_sequence(k, v, td, tf, backend="numba")
+out, st = wkv_sequence(k, v, td, tf, backend="triton")
+o1, s1 = wkv_sequence(k[:, :20], v[:, :20], td, tf, backend="triton")
+o2, s2 = wkv_sequence(k[:, 20:], v[:, 20:], td, tf, s1, backend="triton")
+assert (out - ref).abs().max() < 1e-5 and (torch.cat([o1, o2], 1) - ref).abs().max() < 1e-5
+assert all((a - b).abs().max() < 1e-5 for a, b in zip(st, rs)) and all((a - b).abs().max() < 1e-5 for a, b in zip(s2, rs))
+print("ok")
+"""
+
+
+def test_triton_wkv_in_the_interpreter():
+    """The Triton recurrence (CUDA sequence mode) equals the numba one, state carried across a split;
+    runs on CPU in Triton's interpreter where triton is installed."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", TRITON_WKV], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
 def test_torch_wkv_backend_has_gradients():
     g = torch.Generator().manual_seed(7)
     k = torch.randn(1, 20, 4, generator=g, requires_grad=True)
@@ -71,6 +99,8 @@ def test_torch_wkv_backend_has_gradients():
     assert torch.isfinite(k.grad).all() and k.grad.abs().sum() > 0 and td.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="no autograd"):
         wkv_sequence(k, v, td, torch.zeros(4), backend="numba")
+    with pytest.raises(ValueError, match="no autograd"):
+        wkv_sequence(k, v, td, torch.zeros(4), backend="triton")
 
 
 def test_wkv_stays_finite_with_extreme_keys():
