@@ -25,7 +25,7 @@ from experiments import pipeline as P
 def parse(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.decode", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", default="rwkv_tiny")
+    ap.add_argument("model", nargs="?", default="rwkv_pd12")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--schedule", help="schedule JSON (e.g. results/MODEL/schedule.json)")
     g.add_argument("--sparsity", type=float, default=0.5, help="else: a uniform schedule at this MAC-weighted target")

@@ -121,7 +121,7 @@ def check_writable(directory: str | os.PathLike) -> Path:
 class Setup:
     """Everything a point's numbers depend on, besides the algorithm and its knob."""
 
-    model: str = "rwkv_tiny"
+    model: str = "rwkv_pd12"
     weights: str | None = None
     random_weights: bool = False
     arch: str | None = None            # path of an architecture TOML (None: the shipped seneca.toml)

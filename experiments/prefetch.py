@@ -41,7 +41,7 @@ BUDGETS = (0.5, 1.0, 1.5, 2.0)
 def parse(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.prefetch", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", default="rwkv_tiny")
+    ap.add_argument("model", nargs="?", default="rwkv_pd12")
     ap.add_argument("--random-weights", action="store_true")
     ap.add_argument("--weights")
     ap.add_argument("--arch", help="chip TOML (default: the shipped seneca.toml)")

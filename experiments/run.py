@@ -41,8 +41,8 @@ DEFAULTS = P.Setup()
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", default="rwkv_tiny",
-                    help="rwkv_tiny (default, shipped), rwkv_169m, rwkv_430m, rwkv_1b5, opt_125m, ... or a checkpoint path")
+    ap.add_argument("model", nargs="?", default=DEFAULTS.model,
+                    help="rwkv_pd12 (default, shipped: 12 layers), rwkv_tiny (shipped: 4 layers), rwkv_169m, rwkv_430m, rwkv_1b5, opt_125m, ... or a checkpoint path")
     ap.add_argument("--algorithm", "-a", default=None, choices=list(P.KNOB),
                     help="default: sequential (uniform with --random-weights, where no loss means anything)")
     g = ap.add_mutually_exclusive_group()

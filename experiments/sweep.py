@@ -80,7 +80,7 @@ def default_workers(cores: int | None = None) -> int:
 def parse(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", default="rwkv_tiny")
+    ap.add_argument("model", nargs="?", default="rwkv_pd12")
     ap.add_argument("--algorithms", nargs="+", default=list(P.DEFAULT_CURVE), choices=list(P.KNOB))
     ap.add_argument("--tolerances", type=float, nargs="+", default=list(P.DEFAULT_CURVE["sequential"]),
                     help="knob values of sequential/paper (loss budgets)")

@@ -668,3 +668,15 @@ def build_schedule(model, tokens: torch.Tensor, thresholds: Mapping[str, Any], *
 def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+MAX_LEVEL = 0.99  # the highest quantile level a uniform-style schedule may ask of a site
+
+
+def dense_capture(model, tokens, dev, names, batch_tokens, max_values, seed):
+    """Activation samples of ``names`` in the dense model (memoized per weights and tokens); the
+    quantile baselines and sequential's shrinkage toward uniform both start from them."""
+    def compute():
+        stream = Stream(model, tokens, dev, batch_tokens)
+        return stream.capture(names, max_values=max_values, seed=seed, run_all=True)
+    return memoized(_memo_key(model, tokens, "dense_capture", tuple(names), max_values, seed, str(dev)), compute)

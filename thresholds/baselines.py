@@ -40,6 +40,7 @@ the sequential method, each returning a :class:`~thresholds.schedule.Schedule` w
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -49,15 +50,12 @@ import torch
 import torch.nn.functional as F
 
 from thresholds._core import (Stream, as_calib_tokens, block_sites, build_schedule, calibrating, mac_weights,
-                              measure, memoized, _memo_key, model_device, progress_bar, quantiles_pooled, run_segments, _rep,
-                              set_raw_threshold, solve_level, threshold_value)
+                              measure, model_device, progress_bar, quantiles_pooled, run_segments, _rep,
+                              set_raw_threshold, solve_level, threshold_value, MAX_LEVEL, dense_capture)
 from thresholds.schedule import Schedule
 
 __all__ = ["uniform", "cats", "teal", "teal_trajectory", "teal_error", "TealTrajectory", "finetune", "ffn_inner_sites",
            "quantile_schedule"]
-
-MAX_LEVEL = 0.99
-
 
 def ffn_inner_sites(model) -> list[str]:
     """The gated FFN's inner activation of every block: RWKV's squared ReLU feeds ``ffn.value``,
@@ -67,14 +65,6 @@ def ffn_inner_sites(model) -> list[str]:
         raise ValueError(f"{getattr(model.config, 'name', 'model')} has no FFN inner-activation site "
                          f"(a name ending in ffn.value or ffn.fc2)")
     return out
-
-
-def _dense_capture(model, tokens, dev, names, batch_tokens, max_values, seed):
-    """Activation samples of ``names`` in the dense model (memoized per weights and tokens)."""
-    def compute():
-        stream = Stream(model, tokens, dev, batch_tokens)
-        return stream.capture(names, max_values=max_values, seed=seed, run_all=True)
-    return memoized(_memo_key(model, tokens, "dense_capture", tuple(names), max_values, seed, str(dev)), compute)
 
 
 # ------------------------------------------------------------------------------------------
@@ -102,7 +92,7 @@ def quantile_schedule(model, calib_tokens, *, sparsity: float, active: Sequence[
     active = list(names if active is None else active)
     extra: dict[str, Any] = {}
     with calibrating(model, device) as dev:
-        caps = _dense_capture(model, calib_tokens, dev, names, batch_tokens, max_values, seed)
+        caps = dense_capture(model, calib_tokens, dev, names, batch_tokens, max_values, seed)
         natural = {n: caps[n].natural for n in names}
         if target == "mac":
             w = mac_weights(model, block_sites(model))
@@ -202,7 +192,7 @@ def teal_trajectory(model, calib_tokens, *, step: float = 0.05, max_sparsity: fl
     names = block_sites(model)
     points: list[list[tuple[float, dict[str, float]]]] = []
     with calibrating(model, device) as dev:
-        caps = _dense_capture(model, calib_tokens, dev, names, batch_tokens, max_values, seed)
+        caps = dense_capture(model, calib_tokens, dev, names, batch_tokens, max_values, seed)
         natural = {n: caps[n].natural for n in names}
         sorted_vals = {n: caps[n].values.reshape(-1).sort().values for n in names}
         stream = Stream(model, calib_tokens, dev, batch_tokens)
@@ -329,95 +319,12 @@ def finetune(model, calib_tokens, *, sparsity: float | None = None, init: str | 
     if penalty not in ("density", "l1"):
         raise ValueError(f"penalty must be 'density' or 'l1', got {penalty!r}")
     names = block_sites(model, include_head)
-    if isinstance(init, Schedule):
-        init_sched = init
-    elif init == "uniform":
-        init_sched = uniform(model, calib_tokens, sparsity=init_sparsity if init_sparsity is not None else
-                             (sparsity if sparsity is not None else 0.5), target="mac", include_head=include_head,
-                             batch_tokens=batch_tokens, seed=seed, device=device, progress=False)
-    elif init == "sequential":
-        from thresholds.sequential import sequential
-        init_sched = sequential(model, calib_tokens, tolerance=0.02, batch_tokens=batch_tokens, device=device,
-                                progress=progress)
-    else:
-        raise ValueError(f"init must be 'uniform', 'sequential' or a Schedule, got {init!r}")
-    w = mac_weights(model, names)
-    g = torch.Generator().manual_seed(seed)
-    saved = model.get_thresholds()
-    was_training = model.training
-    old_dev = model_device(model)
-    dev = torch.device(device) if device is not None else old_dev
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    curve: list[float] = []
-    try:
-        model.to(dev).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.set_thresholds({n: 0.0 for n in model.sites})
-        # floors for sites starting at 0: 1e-3 of the site's mean |x| (a threshold that silences ~nothing)
-        with torch.no_grad():
-            caps = Stream(model, calib_tokens[: max(1, batch_seqs)], dev, batch_tokens).capture(
-                names, max_values=1 << 16, seed=seed, run_all=True)
-        floor = {n: max(float(caps[n].values.mean()) * 1e-3, 1e-8) for n in names}
-        theta = {}
-        for n in names:
-            t = torch.as_tensor(init_sched.thresholds[n], dtype=torch.float32)
-            theta[n] = torch.log(torch.clamp(t, min=floor[n])).to(dev).requires_grad_(True)
-        opt = torch.optim.Adam(list(theta.values()), lr=lr)
-        stats: dict[str, torch.Tensor] = {}
-
-        def make_hook(n):
-            def hook(module, inputs, output):
-                x = inputs[0]
-                t = torch.exp(theta[n]).to(x.dtype)
-                a = x.abs()
-                hard = (a >= t).to(x.dtype)
-                soft = torch.sigmoid((a - t) / (temperature * t))
-                m = hard + soft - soft.detach()
-                y = x * m
-                if penalty == "density":
-                    stats[n] = soft.mean()
-                else:
-                    stats[n] = (x.abs() * soft).mean() / (x.abs().mean().detach() + 1e-12)
-                return y
-            return hook
-
-        hooks = [model.sites[n].register_forward_hook(make_hook(n)) for n in names]
-        target_density = None if sparsity is None else 1.0 - float(sparsity)
-
-        def objective(idx):
-            stats.clear()
-            logits = model(idx[:, :-1])
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
-            dens = sum(w[n] * stats[n] for n in names)
-            pen = dens if target_density is None else torch.relu(dens - target_density)
-            return ce + penalty_weight * pen, ce, dens
-
-        N, T = calib_tokens.shape
-        Lc = min(T, train_len + 1)
-        fixed = calib_tokens[: min(N, batch_seqs), :Lc].to(dev)
-        try:
-            with torch.no_grad():
-                obj0 = float(objective(fixed)[0])
-            bar = progress_bar(steps, "finetune", progress)
-            for it in range(steps):
-                rows = torch.randint(0, N, (min(N, batch_seqs),), generator=g)
-                start = int(torch.randint(0, T - Lc + 1, (1,), generator=g))
-                idx = calib_tokens[rows, start:start + Lc].to(dev)
-                obj, ce, dens = objective(idx)
-                opt.zero_grad(set_to_none=True)
-                obj.backward()
-                opt.step()
-                curve.append(float(obj.detach()))
-                bar.update(1)
-                bar.set_postfix(obj=f"{float(obj.detach()):.4f}", ce=f"{float(ce.detach()):.4f}", density=f"{float(dens.detach()):.3f}")
-            bar.close()
-            with torch.no_grad():
-                obj1 = float(objective(fixed)[0])
-        finally:
-            for h in hooks:
-                h.remove()
-        learned = {n: torch.exp(theta[n].detach()).cpu() for n in names}
+    init_sched = _finetune_init(model, calib_tokens, init, init_sparsity, sparsity, include_head, batch_tokens, seed,
+                                device, progress)
+    knobs = dict(steps=steps, lr=lr, penalty=penalty, penalty_weight=penalty_weight, temperature=temperature,
+                 batch_seqs=batch_seqs, train_len=train_len, seed=seed)
+    with _frozen(model, device) as dev:
+        learned, record = _learn(model, calib_tokens, names, init_sched, sparsity, dev, batch_tokens, progress, **knobs)
         bad = [n for n, t in learned.items() if not torch.isfinite(t).all()]
         if bad:
             raise FloatingPointError(f"finetune: threshold of {bad[0]} diverged; lower lr ({lr})")
@@ -425,23 +332,124 @@ def finetune(model, calib_tokens, *, sparsity: float | None = None, init: str | 
         if sparsity is not None and hit_target:
             scale = _scale_to_target(model, calib_tokens, learned, float(sparsity), dev, batch_tokens)
             learned = {n: t * scale for n, t in learned.items()}
+    params = dict(sparsity=sparsity, init=init if isinstance(init, str) else f"schedule:{init.algorithm}",
+                  init_sparsity=init_sparsity, **{k: v for k, v in knobs.items() if k != "seed"},
+                  hit_target=hit_target, include_head=include_head, seed=seed)
+    with calibrating(model, device) as dev2:
+        sched = build_schedule(model, calib_tokens, dict(learned), algorithm=algorithm,
+                               params=params, calib_description=calib_description, t0=t0, device=dev2,
+                               model_name=model_name, batch_tokens=batch_tokens,
+                               extra={**record, "final_scale": scale, "init_cost_s": init_sched.cost_s})
+    return sched.replace(cost_s=sched.cost_s)
+
+
+def _finetune_init(model, calib_tokens, init, init_sparsity, sparsity, include_head, batch_tokens, seed, device,
+                   progress) -> Schedule:
+    """The schedule finetuning starts from: a given one, uniform, or sequential (budget 0.02)."""
+    if isinstance(init, Schedule):
+        return init
+    if init == "uniform":
+        level = init_sparsity if init_sparsity is not None else (sparsity if sparsity is not None else 0.5)
+        return uniform(model, calib_tokens, sparsity=level, target="mac", include_head=include_head,
+                       batch_tokens=batch_tokens, seed=seed, device=device, progress=False)
+    if init == "sequential":
+        from thresholds.sequential import sequential
+        return sequential(model, calib_tokens, tolerance=0.02, batch_tokens=batch_tokens, device=device,
+                          progress=progress)
+    raise ValueError(f"init must be 'uniform', 'sequential' or a Schedule, got {init!r}")
+
+
+@contextmanager
+def _frozen(model, device):
+    """The model on ``device`` in eval mode with every weight frozen and no thresholds; its
+    thresholds, device, mode and ``requires_grad`` flags are restored afterwards."""
+    saved, was_training, old_dev = model.get_thresholds(), model.training, model_device(model)
+    dev = torch.device(device) if device is not None else old_dev
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        model.to(dev).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.set_thresholds({n: 0.0 for n in model.sites})
+        yield dev
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         model.to(old_dev)
         model.set_thresholds(saved)
         model.train(was_training)
-    params = dict(sparsity=sparsity, init=init if isinstance(init, str) else f"schedule:{init.algorithm}",
-                  init_sparsity=init_sparsity, steps=steps, lr=lr, penalty=penalty, penalty_weight=penalty_weight,
-                  temperature=temperature, batch_seqs=batch_seqs, train_len=train_len, hit_target=hit_target,
-                  include_head=include_head, seed=seed)
-    with calibrating(model, device) as dev2:
-        sched = build_schedule(model, calib_tokens, {n: t for n, t in learned.items()}, algorithm=algorithm,
-                               params=params, calib_description=calib_description, t0=t0, device=dev2,
-                               model_name=model_name, batch_tokens=batch_tokens,
-                               extra={"objective_start": obj0, "objective_end": obj1, "curve": curve[::max(1, steps // 50)],
-                                      "final_scale": scale, "init_cost_s": init_sched.cost_s})
-    return sched.replace(cost_s=sched.cost_s)
+
+
+def _ste_hook(theta, stats: dict, n: str, temperature: float, penalty: str):
+    """Forward hook of site ``n``: the hard threshold ``exp(theta[n])`` in the forward pass, a
+    sigmoid's gradient in the backward one (straight-through), and the site's penalty in ``stats``."""
+    def hook(module, inputs, output):
+        x = inputs[0]
+        t = torch.exp(theta[n]).to(x.dtype)
+        a = x.abs()
+        hard = (a >= t).to(x.dtype)
+        soft = torch.sigmoid((a - t) / (temperature * t))
+        m = hard + soft - soft.detach()
+        if penalty == "density":
+            stats[n] = soft.mean()
+        else:
+            stats[n] = (x.abs() * soft).mean() / (x.abs().mean().detach() + 1e-12)
+        return x * m
+    return hook
+
+
+def _learn(model, calib_tokens, names, init_sched, sparsity, dev, batch_tokens, progress, *, steps, lr, penalty,
+           penalty_weight, temperature, batch_seqs, train_len, seed) -> tuple[dict, dict]:
+    """Adam on the log-thresholds (weights frozen): returns the learned thresholds and the record
+    (objective on a fixed batch before and after, the loss curve)."""
+    g = torch.Generator().manual_seed(seed)
+    w = mac_weights(model, names)
+    # floors for sites starting at 0: 1e-3 of the site's mean |x| (a threshold that silences ~nothing)
+    with torch.no_grad():
+        caps = Stream(model, calib_tokens[: max(1, batch_seqs)], dev, batch_tokens).capture(
+            names, max_values=1 << 16, seed=seed, run_all=True)
+    floor = {n: max(float(caps[n].values.mean()) * 1e-3, 1e-8) for n in names}
+    theta = {n: torch.log(torch.clamp(torch.as_tensor(init_sched.thresholds[n], dtype=torch.float32), min=floor[n]))
+             .to(dev).requires_grad_(True) for n in names}
+    opt = torch.optim.Adam(list(theta.values()), lr=lr)
+    stats: dict[str, torch.Tensor] = {}
+    target_density = None if sparsity is None else 1.0 - float(sparsity)
+
+    def objective(idx):
+        stats.clear()
+        logits = model(idx[:, :-1])
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))
+        dens = sum(w[n] * stats[n] for n in names)
+        pen = dens if target_density is None else torch.relu(dens - target_density)
+        return ce + penalty_weight * pen, ce, dens
+
+    N, T = calib_tokens.shape
+    Lc = min(T, train_len + 1)
+    fixed = calib_tokens[: min(N, batch_seqs), :Lc].to(dev)
+    curve: list[float] = []
+    hooks = [model.sites[n].register_forward_hook(_ste_hook(theta, stats, n, temperature, penalty)) for n in names]
+    try:
+        with torch.no_grad():
+            obj0 = float(objective(fixed)[0])
+        bar = progress_bar(steps, "finetune", progress)
+        for _ in range(steps):
+            rows = torch.randint(0, N, (min(N, batch_seqs),), generator=g)
+            start = int(torch.randint(0, T - Lc + 1, (1,), generator=g))
+            obj, ce, dens = objective(calib_tokens[rows, start:start + Lc].to(dev))
+            opt.zero_grad(set_to_none=True)
+            obj.backward()
+            opt.step()
+            curve.append(float(obj.detach()))
+            bar.update(1)
+            bar.set_postfix(obj=f"{curve[-1]:.4f}", ce=f"{float(ce.detach()):.4f}", density=f"{float(dens.detach()):.3f}")
+        bar.close()
+        with torch.no_grad():
+            obj1 = float(objective(fixed)[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    learned = {n: torch.exp(theta[n].detach()).cpu() for n in names}
+    return learned, {"objective_start": obj0, "objective_end": obj1, "curve": curve[::max(1, steps // 50)]}
 
 
 def _scale_to_target(model, tokens, thresholds, target, dev, batch_tokens, iters: int = 14) -> float:

@@ -244,7 +244,7 @@ def format_table(sched: Schedule) -> str:
     return "\n".join(l for l in lines if l != "")
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m thresholds.calibrate",
                                 description="Choose activation thresholds for every site of a model.")
     p.add_argument("model", help="zoo name, checkpoint path, or random:L:C[:V]")
@@ -265,19 +265,20 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None, help="schedule cache directory")
     p.add_argument("--no-cache", action="store_true", help="always recompute")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
+    return p
 
-    try:
-        model, tok, name, default_calib = _load(a.model, a.device)
-    except Exception as e:  # ModelLoadError and friends: one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+class _Usage(ValueError):
+    """Bad input found before calibration: one line, exit 2."""
+
+
+def _calib_tokens(a, model, tok, name, default_calib) -> tuple[torch.Tensor, str]:
+    """The calibration tokens as ``[n, seq_len]`` and their description."""
     if a.calib:
         try:
             ids = load_calib_tokens(a.calib, tok)
         except (OSError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            raise _Usage(str(e)) from None
         desc = f"{Path(a.calib).name}"
     elif default_calib is not None:
         ids = load_calib_tokens(default_calib, tok)
@@ -287,16 +288,17 @@ def main(argv=None) -> int:
         ids = torch.randint(0, V, (a.tokens,), generator=torch.Generator().manual_seed(0))
         desc = "random tokens (seed 0)"
     else:
-        print(f"error: no calibration data: pass --calib FILE (no calib.txt beside {name})", file=sys.stderr)
-        return 2
+        raise _Usage(f"no calibration data: pass --calib FILE (no calib.txt beside {name})")
     ids = ids.reshape(-1)
     n = (min(a.tokens, ids.numel()) // a.seq_len) * a.seq_len
     if n == 0:
-        print(f"error: {ids.numel()} calibration tokens, fewer than one sequence of {a.seq_len}", file=sys.stderr)
-        return 2
+        raise _Usage(f"{ids.numel()} calibration tokens, fewer than one sequence of {a.seq_len}")
     tokens = ids[:n].reshape(-1, a.seq_len)
-    desc += f", first {n} tokens as {tokens.shape[0]} x {a.seq_len}"
+    return tokens, desc + f", first {n} tokens as {tokens.shape[0]} x {a.seq_len}"
 
+
+def _params(p: argparse.ArgumentParser, a) -> dict[str, Any]:
+    """The algorithm's knobs from the flags (a flag the algorithm does not take is a usage error)."""
     params: dict[str, Any] = {}
     alg = a.algorithm
     if alg in ("sequential", "paper"):
@@ -306,26 +308,39 @@ def main(argv=None) -> int:
             params["tolerance"] = a.tolerance
         if a.per_channel:
             params["per_channel"] = True
-    else:
-        if a.tolerance is not None:
-            p.error(f"{alg} takes --sparsity, not --tolerance")
-        if a.sparsity is None:
-            p.error(f"{alg} needs --sparsity")
-        params["sparsity"] = a.sparsity
-        if a.target and alg in ("uniform", "cats"):
-            params["target"] = a.target
-        if a.steps and alg == "finetune":
-            params["steps"] = a.steps
+        return params
+    if a.tolerance is not None:
+        p.error(f"{alg} takes --sparsity, not --tolerance")
+    if a.sparsity is None:
+        p.error(f"{alg} needs --sparsity")
+    params["sparsity"] = a.sparsity
+    if a.target and alg in ("uniform", "cats"):
+        params["target"] = a.target
+    if a.steps and alg == "finetune":
+        params["steps"] = a.steps
+    return params
+
+
+def main(argv=None) -> int:
+    p = _parser()
+    a = p.parse_args(argv)
+    params = _params(p, a)
+    try:
+        model, tok, name, default_calib = _load(a.model, a.device)
+    except Exception as e:  # ModelLoadError and friends: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     cache = False if a.no_cache else (a.cache_dir or True)
     try:
-        sched = calibrate(model, tokens, alg, cache=cache, model_name=name, calib_description=desc,
+        tokens, desc = _calib_tokens(a, model, tok, name, default_calib)
+        sched = calibrate(model, tokens, a.algorithm, cache=cache, model_name=name, calib_description=desc,
                           device=a.device, progress=not a.quiet, **params)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # _Usage and the algorithm's own checks: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = sched.save(a.out)
     hit = sched.extra.get("cache", {}).get("hit")
-    print(f"{name}: {alg} {params}" + (" (from cache)" if hit else ""))
+    print(f"{name}: {a.algorithm} {params}" + (" (from cache)" if hit else ""))
     print(format_table(sched))
     print(f"wrote {out}")
     return 0

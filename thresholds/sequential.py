@@ -71,8 +71,8 @@ from typing import Any, Sequence
 
 import torch
 
-from thresholds._core import (Stream, block_sites, build_schedule, calibrating, mac_weights, progress_bar,
-                              quantiles_per_channel, quantiles_per_token, quantiles_pooled, solve_level,
+from thresholds._core import (MAX_LEVEL, Stream, block_sites, build_schedule, calibrating, dense_capture, mac_weights,
+                              progress_bar, quantiles_per_channel, quantiles_per_token, quantiles_pooled, solve_level,
                               _sorted_quantile)
 from thresholds.schedule import Schedule
 
@@ -393,14 +393,13 @@ def shrink_toward_uniform(model, calib_tokens, sched: Schedule, lam: float, *, i
     """Thresholds that move ``sched``'s per-site sparsity a fraction ``lam`` of the way from uniform
     (``lam = 0``: the uniform level of equal MAC-weighted sparsity; ``1``: ``sched``'s own
     allocation, re-derived from dense quantiles). See ``shrink`` in :func:`sequential`."""
-    from thresholds.baselines import MAX_LEVEL, _dense_capture
     lam = float(lam)
     if not 0 <= lam <= 1:
         raise ValueError(f"shrink lambda must be in [0, 1], got {lam}")
     names = block_sites(model, include_head)
     w = mac_weights(model, names)
     with calibrating(model, device) as dev:
-        caps = _dense_capture(model, calib_tokens, dev, names, batch_tokens, max_values, seed)
+        caps = dense_capture(model, calib_tokens, dev, names, batch_tokens, max_values, seed)
     nat = {n: caps[n].natural for n in names}
     s = {n: float(sched.sparsity[n]["sparsity"]) for n in names}
     target = sum(w[n] * s[n] for n in names)
