@@ -46,6 +46,10 @@ DEFAULT_CURVE = {"sequential": (0.006,), "uniform": (0.4, 0.55, 0.7), "cats": (0
                  "teal": (0.4, 0.55, 0.7)}
 
 
+# The algorithms that can calibrate the head's input as a site (--head); the others keep it dense.
+HEAD_ALGORITHMS = ("sequential", "uniform", "finetune")
+
+
 class ExperimentError(ValueError):
     """Bad input to an experiment: printed as one line by the CLIs (exit code 2)."""
 
@@ -144,6 +148,7 @@ class Setup:
     tokenizer: str | None = None       # a tokenizer.json (default: beside the weights, or the GPT-NeoX search)
     batch_tokens: int | None = None    # tokens per forward pass of the zero-shot scoring
     tf32: bool = False                 # CUDA float32 matrix products in TF32 (faster; 10-bit mantissa)
+    head: bool = False                 # threshold the head's input too (algorithms in HEAD_ALGORITHMS)
 
     def key(self) -> dict:
         d = dataclasses.asdict(self)
@@ -461,8 +466,11 @@ class Context:
         """The event trace of the simulation tokens under ``schedule`` (and, once, at threshold 0)."""
         from rllm.events import trace
         if self._natural is None:  # the same for every schedule
-            self._natural = trace(self.model, self.sim_ids, {n: 0.0 for n in self.model.sites}, name=self.name)
-        return trace(self.model, self.sim_ids, schedule.thresholds, name=self.name, block_inputs=block_inputs)
+            self._natural = trace(self.model, self.sim_ids, {n: 0.0 for n in self.model.sites}, name=self.name,
+                                  include_head=self.setup.head)
+        # with --head the head's input is a site on the chip too; otherwise the simulator counts it dense
+        return trace(self.model, self.sim_ids, schedule.thresholds, name=self.name, block_inputs=block_inputs,
+                     include_head=self.setup.head)
 
     def predicting(self, program) -> bool:
         """Whether the fetch plan needs the trace's block inputs (a predictor of streamed weights)."""
@@ -561,6 +569,8 @@ def resolve_knob(ctx: Context, algorithm: str, knob: float | None) -> dict:
     params = {name: knob}
     if algorithm in ("uniform", "cats"):
         params["target"] = "mac"
+    if ctx.setup.head and algorithm in HEAD_ALGORITHMS:
+        params["include_head"] = True
     return params
 
 

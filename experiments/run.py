@@ -25,6 +25,7 @@ results already there are left as they were.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -83,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
                     "(default 16384 on CUDA, 4096 on CPU)")
     ap.add_argument("--tf32", action="store_true", help="CUDA: float32 matrix products on TF32 tensor cores (faster "
                     "where the GPU has them; results move within TF32's rounding)")
+    ap.add_argument("--head", action="store_true", help="threshold the head's input too, as a site like any other "
+                    f"({', '.join(P.HEAD_ALGORITHMS)}; the others keep the head dense); default: the head stays dense")
     ap.add_argument("--no-curve", action="store_true", help="skip the energy-vs-accuracy curve of all algorithms")
     ap.add_argument("--curve", nargs="+", metavar="ALG:K1,K2",
                     default=[f"{k}:{','.join(map(str, v))}" for k, v in P.DEFAULT_CURVE.items()],
@@ -226,18 +229,55 @@ def _main(a) -> int:
     return 0
 
 
+_FIELD_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def replay_config(path: str) -> tuple[P.Setup, str, float | None]:
+    """(setup, algorithm, knob) of a ``config.json`` written by an earlier run; anything else is
+    one ``ExperimentError`` naming the file (wrong JSON, unknown or mistyped fields)."""
+    def bad(why: str) -> P.ExperimentError:
+        return P.ExperimentError(f"{path}: not a config.json of experiments.run ({why})")
+    try:
+        cfg = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(e) from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("setup"), dict):
+        raise bad("no 'setup' object")
+    algorithm, knob = cfg.get("algorithm"), cfg.get("knob_value")
+    if algorithm not in P.KNOB:
+        raise bad(f"algorithm {algorithm!r} is not one of {', '.join(P.KNOB)}")
+    if knob is not None and (isinstance(knob, bool) or not isinstance(knob, (int, float))):
+        raise bad(f"knob_value {knob!r} is not a number")
+    fields = {f.name: f.type for f in dataclasses.fields(P.Setup)}
+    values = {}
+    for name, value in cfg["setup"].items():
+        if name not in fields:
+            raise bad(f"unknown setting {name!r}")
+        values[name] = _checked(name, fields[name], value, bad)
+    return P.Setup(**values), algorithm, knob
+
+
+def _checked(name: str, annotation: str, value, bad):
+    """``value`` as the Setup field ``name`` of type ``annotation`` (lists become tuples)."""
+    if annotation == "tuple[str, ...]":
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise bad(f"{name} must be a list of strings, got {value!r}")
+    base, _, none = annotation.partition(" | ")
+    if value is None and none == "None":
+        return value
+    ok = _FIELD_TYPES[base]
+    if isinstance(value, ok) and not (isinstance(value, bool) and bool not in ok):
+        return value
+    raise bad(f"{name} must be {annotation}, got {value!r}")
+
+
 def _setup(a) -> tuple[P.Setup, float | None]:
     """The run's Setup and the algorithm's knob, from the arguments or a replayed config.json;
     sets ``a.algorithm``. Values a later stage would reject are checked here."""
     import torch
     if a.config:
-        try:
-            cfg = json.loads(Path(a.config).read_text())
-            st = cfg["setup"]
-            setup = P.Setup(**{**st, "tasks": tuple(st.get("tasks", ())), "zeroshot": tuple(st.get("zeroshot", ()))})
-            a.algorithm, knob = cfg["algorithm"], cfg.get("knob_value")
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-            raise P.ExperimentError(f"{a.config}: not a config.json of experiments.run ({e})") from None
+        setup, a.algorithm, knob = replay_config(a.config)
         a.tolerance = knob if P.KNOB[a.algorithm] == "tolerance" else None
         a.sparsity = knob if P.KNOB[a.algorithm] == "sparsity" else None
         a.explicit_algorithm = True
@@ -247,7 +287,8 @@ def _setup(a) -> tuple[P.Setup, float | None]:
                         cloze_items=a.cloze_items, mc_items=a.mc_items, tasks=tuple(a.task), sim_tokens=a.tokens,
                         seed=a.seed, chips=a.chips, prefetch=a.prefetch, prefetch_budget=a.prefetch_budget,
                         zeroshot=(a.tasks,) if a.tasks else (), limit=a.limit, task_data=a.task_data,
-                        calib=a.calib, tokenizer=a.tokenizer, batch_tokens=a.batch_tokens, tf32=a.tf32)
+                        calib=a.calib, tokenizer=a.tokenizer, batch_tokens=a.batch_tokens, tf32=a.tf32,
+                        head=a.head)
         a.explicit_algorithm = a.algorithm is not None
     if setup.chips is not None and setup.chips < 1:
         raise P.ExperimentError(f"--chips must be >= 1, got {setup.chips}")
@@ -258,10 +299,17 @@ def _setup(a) -> tuple[P.Setup, float | None]:
             raise P.ExperimentError(f"--{name.replace('_', '-')} must be positive, got {getattr(setup, name)}")
     if setup.batch_tokens is not None and setup.batch_tokens < 1:
         raise P.ExperimentError(f"--batch-tokens must be positive, got {setup.batch_tokens}")
+    if not (setup.device == "cpu" or setup.device.startswith("cuda")):
+        raise P.ExperimentError(f"--device must be cpu or cuda, got {setup.device!r}")
+    if setup.prefetch not in P.PREFETCH_POLICIES + P.PREFETCH_PREDICTORS:
+        raise P.ExperimentError(f"prefetch {setup.prefetch!r} is not one of "
+                                f"{', '.join(P.PREFETCH_POLICIES + P.PREFETCH_PREDICTORS)}")
     if setup.device.startswith("cuda") and not torch.cuda.is_available():
         raise P.ExperimentError("--device cuda: no CUDA device is visible here; use --device cpu")
     if a.algorithm is None:
         a.algorithm = "uniform" if setup.random_weights else "sequential"
+    if setup.head and a.algorithm not in P.HEAD_ALGORITHMS:
+        raise P.ExperimentError(f"--head: {a.algorithm} cannot threshold the head; use one of {', '.join(P.HEAD_ALGORITHMS)}")
     if a.algorithm in ("sequential", "paper"):
         if a.sparsity is not None:
             raise P.ExperimentError(f"{a.algorithm} takes --tolerance (a loss budget), not --sparsity")

@@ -125,21 +125,39 @@ def main(argv=None) -> int:
     return P.cli(_main, parse(argv), "finished points are kept; rerun the same command to resume")
 
 
+def read_sweep_file(path: str, algorithms, tolerances, sparsities) -> tuple[list[str], list[float], list[float]]:
+    """The grid of a sweep file (JSON with any of algorithms, tolerances, sparsities; what it
+    leaves out keeps the given values); anything else is one ``ExperimentError`` naming the file."""
+    def bad(why) -> P.ExperimentError:
+        return P.ExperimentError(f"{path}: not a sweep file ({why}); expected JSON like "
+                                 '{"algorithms": ["sequential"], "tolerances": [0.01]}')
+    try:
+        spec = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(e) from None
+    if not isinstance(spec, dict):
+        raise bad(f"a JSON {type(spec).__name__}, not an object")
+    algs = spec.get("algorithms", algorithms)
+    if not isinstance(algs, list) or not all(isinstance(x, str) for x in algs):
+        raise bad(f"algorithms must be a list of names, got {algs!r}")
+    unknown = [x for x in algs if x not in P.KNOB]
+    if unknown:
+        raise P.ExperimentError(f"{path}: unknown algorithm(s) {unknown}; choose from {', '.join(P.KNOB)}")
+    grids = []
+    for key, default in (("tolerances", tolerances), ("sparsities", sparsities)):
+        vals = spec.get(key, default)
+        if not isinstance(vals, list) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in vals):
+            raise bad(f"{key} must be a list of numbers, got {vals!r}")
+        grids.append([float(x) for x in vals])
+    return list(algs), grids[0], grids[1]
+
+
 def _main(a) -> int:
     from seneca_sim.arch import ArchError, default_arch, load_arch
 
     if a.sweep_file:
-        try:
-            spec = json.loads(Path(a.sweep_file).read_text())
-            a.algorithms = list(spec.get("algorithms", a.algorithms))
-            a.tolerances = [float(x) for x in spec.get("tolerances", a.tolerances)]
-            a.sparsities = [float(x) for x in spec.get("sparsities", a.sparsities)]
-        except (OSError, ValueError, TypeError, AttributeError) as e:
-            raise P.ExperimentError(f"{a.sweep_file}: not a sweep file ({e}); expected JSON like "
-                                    '{"algorithms": ["sequential"], "tolerances": [0.01]}') from None
-        bad = [x for x in a.algorithms if x not in P.KNOB]
-        if bad:
-            raise P.ExperimentError(f"{a.sweep_file}: unknown algorithm(s) {bad}; choose from {', '.join(P.KNOB)}")
+        a.algorithms, a.tolerances, a.sparsities = read_sweep_file(a.sweep_file, a.algorithms, a.tolerances,
+                                                                   a.sparsities)
     for v in a.sparsities:
         if not 0 <= v < 1:
             raise P.ExperimentError(f"sparsity {v} is not in [0, 1)")

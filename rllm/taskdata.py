@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import string
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -80,7 +81,7 @@ def _read_jsonl(p: Path) -> Iterator[Record]:
                 if not isinstance(doc, dict):
                     raise TaskDataError(f"{p}:{lineno}: expected a JSON object, got {type(doc).__name__}")
                 yield Record(doc, f"{p}:{lineno}")
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip/utf-8 damage: the file, not a line
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:  # gzip/utf-8 damage: the file, not a line
         raise TaskDataError(f"{p}: unreadable ({type(e).__name__}: {e})") from None
 
 

@@ -138,6 +138,13 @@ def wkv_sequence(
     if backend == "triton":
         from rllm.gpu.wkv import wkv_triton  # lazy: Triton's import is slow and CUDA-only
         return wkv_triton(k, v, time_decay, time_first, state)
+    return _wkv_chunked(k, v, time_decay, time_first, state, chunk)
+
+
+def _wkv_chunked(k, v, time_decay, time_first, state, chunk: int):
+    """The chunked torch form (autograd, any device): inside a chunk the weights form a small
+    lower-triangular logit matrix; the carried state enters as one virtual element."""
+    B, T, C = k.shape
     k = k.float()
     v = v.float()
     w = torch.exp(time_decay.float())  # per-step decay of the logits, > 0

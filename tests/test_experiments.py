@@ -290,3 +290,22 @@ def test_decode_with_event_kernels_gives_the_same_tokens(ckpt, capsys):
     assert "greedy tokens agree: 16/16" in out and "event kernels" in out
     assert decode.main([str(ckpt), "--device", "cuda"] if not torch.cuda.is_available() else ["rwkv_tinny"]) == 2
     one_line_error(capsys)
+
+
+def test_head_flag_thresholds_the_head_and_the_chip_counts_it(ckpt, tmp_path, capsys):
+    """--head makes the head's input a site: calibrated, traced and skipped on the chip; without it
+    the head stays dense (threshold 0, counted dense); an algorithm that cannot is one line."""
+    rows = {}
+    for flag in ([], ["--head"]):
+        out = tmp_path / ("head" if flag else "plain")
+        assert run.main([str(ckpt), "--algorithm", "uniform", "--sparsity", "0.5", "--no-curve", "--out", str(out)]
+                        + flag + FAST) == 0
+        sched = json.loads((out / "schedule.json").read_text())
+        rows[bool(flag)] = (pd.read_csv(out / "points.csv").set_index("point").loc["this run"], sched)
+    (plain, s0), (head, s1) = rows[False], rows[True]
+    assert s0["algorithm"]["params"]["include_head"] is False and s1["algorithm"]["params"]["include_head"] is True
+    assert s0["thresholds"]["head"] == 0 and s1["thresholds"]["head"] > 0
+    assert head.chip_mac_sparsity > plain.chip_mac_sparsity and head.energy_uJ < plain.energy_uJ
+    capsys.readouterr()
+    assert run.main([str(ckpt), "--algorithm", "teal", "--head", "--no-curve", "--out", str(tmp_path / "t")] + FAST) == 2
+    assert "--head" in one_line_error(capsys)

@@ -94,3 +94,70 @@ def test_a_mutated_checkpoint_loads_or_is_a_model_load_error(data, part, tiny, t
         load_checkpoint(d)
     except ModelLoadError:
         pass
+
+
+# --- task files, --config and sweep files -------------------------------------------------------
+
+PIQA = b"".join(json.dumps({"goal": f"How do I open jar {i}?", "sol1": "Twist the lid.", "sol2": "Eat the lid.",
+                            "label": i % 2}).encode() + b"\n" for i in range(3))
+
+
+@SETTINGS
+@given(data=st.data(), gz=st.booleans())
+def test_a_mutated_task_file_loads_or_is_a_task_data_error(data, gz, tmp_path):
+    import gzip
+
+    from rllm.taskdata import TaskDataError
+    from rllm.zeroshot import load_suite
+    f = tmp_path / ("piqa.jsonl.gz" if gz else "piqa.jsonl")
+    raw = data.draw(mutated(gzip.compress(PIQA, mtime=0) if gz else PIQA))
+    f.write_bytes(raw)
+    try:
+        suite = load_suite([("piqa", str(f))])
+        assert suite["piqa"].items
+    except TaskDataError as e:
+        assert "\n" not in str(e).strip()
+
+
+def _config_bytes() -> bytes:
+    import dataclasses
+
+    from experiments import pipeline as P
+    setup = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(P.Setup()).items()}
+    return json.dumps({"setup": setup, "algorithm": "uniform", "knob_value": 0.5}, indent=1).encode()
+
+
+@SETTINGS
+@given(data=st.data())
+def test_a_mutated_config_replays_or_is_an_experiment_error(data, tmp_path):
+    from experiments import pipeline as P
+    from experiments import run
+    f = tmp_path / "config.json"
+    f.write_bytes(data.draw(mutated(_config_bytes())))
+    try:
+        setup, knob = run._setup(run.parser().parse_args(["--config", str(f)]))
+        assert isinstance(setup, P.Setup)
+    except P.ExperimentError as e:
+        assert "\n" not in str(e).strip()
+
+
+def test_the_config_seed_replays(tmp_path):
+    from experiments import run
+    (tmp_path / "config.json").write_bytes(_config_bytes())
+    setup, knob = run._setup(run.parser().parse_args(["--config", str(tmp_path / "config.json")]))
+    assert knob == 0.5 and setup.model == "rwkv_pd12"
+
+
+@SETTINGS
+@given(data=st.data())
+def test_a_mutated_sweep_file_loads_or_is_an_experiment_error(data, tmp_path):
+    from experiments import pipeline as P
+    from experiments.sweep import read_sweep_file
+    f = tmp_path / "sweep.json"
+    f.write_bytes(data.draw(mutated(b'{"algorithms": ["sequential", "uniform"], "tolerances": [0.01, 0.02], '
+                                    b'"sparsities": [0.3, 0.5]}')))
+    try:
+        algs, tols, sps = read_sweep_file(str(f), ["uniform"], [0.01], [0.5])
+        assert all(a in P.KNOB for a in algs) and all(isinstance(x, float) for x in tols + sps)
+    except P.ExperimentError as e:
+        assert "\n" not in str(e).strip()
