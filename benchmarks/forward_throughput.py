@@ -4,12 +4,19 @@ Both models hold the same random weights of a given shape (default: RWKV-4 430M,
 vocab 50277). Sequence mode: one forward over [batch, seq] tokens. Step mode: one token at
 a time with carried state (transformers: ``use_cache=True`` with its ``state``).
 
-    python benchmarks/forward_throughput.py [--layers 24 --embd 1024 --seq 256 --steps 32] [--out benchmarks/results]
+    python benchmarks/forward_throughput.py [--layers 24 --embd 1024 --seq 256 --steps 32] [--repeats 5] [--out benchmarks/results]
+
+Each implementation is timed ``--repeats`` times, the two interleaved so that both see the same
+background load; the CSV has the median and the spread (min, max) of each, the ratio of the
+medians, and what the median achieves against what bounds it on a CPU: matrix arithmetic
+(GFLOP/s, ``2 x params`` per token) in sequence mode, weight reads (GB/s: every weight read once
+per token) in step mode.
 """
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -37,14 +44,16 @@ def hf_copy(model: RWKV):
     return hf
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def interleaved(fa, fb, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall times of ``fa`` and ``fb``, alternating, after one warm-up of each."""
+    fa(), fb()
+    ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        for fn, times in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return ta, tb
 
 
 @torch.no_grad()
@@ -75,16 +84,26 @@ def main(argv=None) -> pd.DataFrame:
         for t in range(a.steps):
             state = hf(idx[:, t:t + 1], state=state, use_cache=True).state
 
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
     for mode, ours, theirs, n in [
         ("sequence", lambda: model(idx), lambda: hf(idx), a.batch * a.seq),
         ("step", ours_step, hf_step, a.batch * a.steps),
     ]:
-        t_ours, t_hf = timed(ours, a.repeats), timed(theirs, a.repeats)
-        rows.append(dict(mode=mode, layers=a.layers, embd=a.embd, batch=a.batch, tokens=n,
-                         rllm_tok_s=n / t_ours, transformers_tok_s=n / t_hf, speedup=t_hf / t_ours,
-                         threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
-                         max_abs_logit_diff=diff))
+        t_ours, t_hf = interleaved(ours, theirs, a.repeats)
+        m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
+        row = dict(mode=mode, layers=a.layers, embd=a.embd, batch=a.batch, tokens=n, repeats=a.repeats,
+                   rllm_tok_s=n / m_ours, rllm_tok_s_min=n / max(t_ours), rllm_tok_s_max=n / min(t_ours),
+                   transformers_tok_s=n / m_hf, transformers_tok_s_min=n / max(t_hf),
+                   transformers_tok_s_max=n / min(t_hf), speedup=m_hf / m_ours)
+        if mode == "sequence":  # arithmetic: 2 FLOP per parameter per token
+            row.update(rllm_gflop_s=2 * params * n / m_ours / 1e9, transformers_gflop_s=2 * params * n / m_hf / 1e9)
+        else:  # every weight read once per token (batch 1)
+            row.update(rllm_weight_GB_s=weight_bytes * a.steps / m_ours / 1e9,
+                       transformers_weight_GB_s=weight_bytes * a.steps / m_hf / 1e9)
+        rows.append({**row, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                     "max_abs_logit_diff": diff})
     df = pd.DataFrame(rows)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

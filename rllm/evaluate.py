@@ -892,26 +892,18 @@ def load_task(path: str | os.PathLike, kind: str | None = None) -> list[MCItem] 
         raise ValueError(f"unknown task kind {kind!r}; expected one of {TASK_KINDS}")
     if not path.is_file():
         raise FileNotFoundError(f"task file {path} does not exist")
+    from rllm.taskdata import read_jsonl  # one jsonl reader for every task file (its errors name file and line)
     items = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(doc, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(doc).__name__}")
+    for rec in read_jsonl(path):
+        if kind is None:
+            kind = detect_kind(rec.doc)
             if kind is None:
-                kind = detect_kind(doc)
-                if kind is None:
-                    raise ValueError(f"{path}:{lineno}: cannot tell the task format from keys {sorted(doc)}; "
-                                     f"expected the keys of one of {TASK_KINDS}, or pass kind=")
-            try:
-                items.append(PARSERS[kind](doc))
-            except (_RecordError, ValueError, TypeError, AttributeError) as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
+                raise ValueError(f"{rec.where}: cannot tell the task format from keys {sorted(rec.doc)}; "
+                                 f"expected the keys of one of {TASK_KINDS}, or pass kind=")
+        try:
+            items.append(PARSERS[kind](rec.doc))
+        except (_RecordError, ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{rec.where}: {e}") from None
     if not items:
         raise ValueError(f"{path}: no records")
     return items

@@ -146,7 +146,7 @@ def calibration_text(tokenizer: Any, calib: str | os.PathLike | None, n_tokens: 
     """Token ids (1-D long tensor) for calibration and what they are: ``calib`` (a text file or
     ``.npy``/``.pt`` ids), else MiniPile's first training documents through ``datasets`` (online
     only). Neither: PileDataError, one line."""
-    from thresholds.calibrate import load_calib_tokens
+    from rllm.tokenizer import load_calib_tokens
     if calib is not None:
         try:
             ids = load_calib_tokens(calib, tokenizer)

@@ -63,11 +63,14 @@ def read_records(path: str | os.PathLike, split: str | None = None) -> list[Reco
     if p.name.endswith(".arrow"):
         return _read_arrow(p)
     if p.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
-        return list(_read_jsonl(p))
+        return list(read_jsonl(p))
     raise TaskDataError(f"{p}: unknown task file type; expected .jsonl, .jsonl.gz, .arrow or a dataset directory")
 
 
-def _read_jsonl(p: Path) -> Iterator[Record]:
+def read_jsonl(p: str | os.PathLike) -> Iterator[Record]:
+    """The JSON objects of a ``.jsonl`` (or ``.jsonl.gz``) file, blank lines skipped; a bad line or a
+    damaged file is a :class:`TaskDataError` naming the file (and the line)."""
+    p = Path(p)
     opener = gzip.open if p.name.endswith(".gz") else open
     try:
         with opener(p, "rt", encoding="utf-8") as f:
@@ -127,7 +130,7 @@ def olmes_docs(path: str | os.PathLike, shape: str) -> list[Record]:
     p = Path(path)
     seen: set = set()
     out = []
-    for rec in _read_jsonl(p):
+    for rec in read_jsonl(p):
         doc_id = rec.doc.get("doc_id")
         if not isinstance(doc_id, int):
             raise TaskDataError(f"{rec.where}: not an oe-eval request (no integer doc_id)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -88,3 +88,23 @@ def encode_documents(tok: Tokenizer, texts: Iterable[str]) -> list[int]:
             out.append(eot)
         out.extend(ids)
     return out
+
+
+def load_calib_tokens(path: str | os.PathLike, tokenizer: Any = None) -> "torch.Tensor":
+    """Token ids from a ``.npy``/``.pt`` file, or a text file encoded with ``tokenizer``
+    (documents separated by blank lines are joined as one stream)."""
+    import numpy as np
+    import torch
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: calibration file not found")
+    if p.suffix == ".npy":
+        return torch.as_tensor(np.load(p)).long()
+    if p.suffix in (".pt", ".pth"):
+        return torch.as_tensor(torch.load(p, weights_only=True)).long()
+    if tokenizer is None:
+        raise ValueError(f"{p}: a text calibration file needs the model's tokenizer, and this model has none; "
+                         f"pass token ids (.npy)")
+    text = p.read_text(encoding="utf-8")
+    enc = tokenizer.encode(text)
+    return torch.tensor(getattr(enc, "ids", enc), dtype=torch.long)

@@ -38,6 +38,7 @@ from thresholds import baselines
 from thresholds.paper import paper as _paper, resolve_settings as _paper_settings
 from thresholds.sequential import resolve_settings as _sequential_settings, sequential as _sequential
 from thresholds._core import as_calib_tokens, tokens_sha256
+from rllm.tokenizer import load_calib_tokens  # noqa: F401 (re-exported: thresholds.load_calib_tokens)
 from thresholds.schedule import Schedule, ScheduleCache, ScheduleError, cache_key, model_fingerprint
 
 __all__ = ["calibrate", "match_sparsity", "schedule_key", "ALGORITHMS", "resolve_params", "load_calib_tokens", "main", "format_table"]
@@ -186,25 +187,6 @@ def match_sparsity(model, calib_tokens, algorithm: str, goal: float, *, tol: flo
 # ------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------
-
-def load_calib_tokens(path: str | os.PathLike, tokenizer: Any = None) -> torch.Tensor:
-    """Token ids from a ``.npy``/``.pt`` file, or a text file encoded with ``tokenizer``
-    (documents separated by blank lines are joined as one stream)."""
-    import numpy as np
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: calibration file not found")
-    if p.suffix == ".npy":
-        return torch.as_tensor(np.load(p)).long()
-    if p.suffix in (".pt", ".pth"):
-        return torch.as_tensor(torch.load(p, weights_only=True)).long()
-    if tokenizer is None:
-        raise ValueError(f"{p}: a text calibration file needs the model's tokenizer, and this model has none; "
-                         f"pass token ids (.npy)")
-    text = p.read_text(encoding="utf-8")
-    enc = tokenizer.encode(text)
-    return torch.tensor(getattr(enc, "ids", enc), dtype=torch.long)
-
 
 def _load(model_arg: str, device: str | None):
     """(model, tokenizer, name, default calibration file or None)."""
