@@ -359,13 +359,14 @@ def _curve(a, ctx, setup, out, progress) -> tuple[list[dict], list[dict]]:
     store = P.PointStore(out)
     fp = ctx.arch.fingerprint()
     rows, timings = [], []
-    for alg, k in tqdm(parse_curve(a.curve), desc="energy-vs-accuracy curve", disable=not progress,
-                       dynamic_ncols=True):
+    bar = tqdm(parse_curve(a.curve), desc="energy-vs-accuracy curve", disable=not progress, dynamic_ncols=True)
+    for alg, k in bar:
+        bar.set_postfix_str(f"{alg} {k:g}")
         prm = P.resolve_knob(ctx, alg, k)
         key = P.point_key(setup, alg, prm, fp)
         rec = store.get(key)
-        if rec is None:
-            pt = P.run_point(ctx, alg, prm)
+        if rec is None:  # the calibration's own bar below this one (TEAL's path and sequential take minutes)
+            pt = P.run_point(ctx, alg, prm, progress=progress)
             rec = {"row": pt.row, "timing": pt.timing}
             store.put(key, rec)
         rows.append(rec["row"])
