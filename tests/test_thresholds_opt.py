@@ -99,3 +99,29 @@ def test_horizon_estimate_is_exact_for_the_last_segment_and_close_before_it():
             st.advance_to(1)
             got = st.candidate_losses(site, cands)
             assert got == pytest.approx(want, rel=rel), H
+
+
+def test_kl_losses_with_the_dense_log_probabilities_kept_equal_recomputing_them(monkeypatch):
+    """The KL objective keeps the dense model's log-probabilities once computed; every candidate's
+    loss is bit for bit what recomputing them for each candidate gives (the cache off)."""
+    import thresholds._core as core
+    m = randomize_weights(RWKV(RWKVConfig(vocab_size=97, n_layer=2, n_embd=32)), seed=3).eval()
+    toks = torch.randint(0, 97, (6, 33), generator=torch.Generator().manual_seed(4))
+    site = m.sites["blocks.1.att.key"]
+
+    def losses():
+        m.set_thresholds({n: 0.0 for n in m.sites})
+        st = Stream(m, toks, torch.device("cpu"), batch_tokens=64, objective="kl")
+        dense = st.loss(rows=True)
+        st.advance_to(st.segs.segment_of("blocks.1.att.key"))
+        cands = [torch.tensor(q) for q in (0.05, 0.2, 0.5)]
+        return dense, st.candidate_losses(site, cands, 1), st.candidate_losses(site, cands, 3), st._lp_cache
+
+    with torch.no_grad():
+        kept = losses()
+        monkeypatch.setitem(core.DENSE_CACHE_BYTES, "cpu", 0)
+        recomputed = losses()
+    assert isinstance(kept[3], dict) and kept[3] and recomputed[3] is False
+    assert kept[0][0] == recomputed[0][0] and torch.equal(kept[0][1], recomputed[0][1])
+    assert kept[1] == recomputed[1]
+    assert kept[2] == pytest.approx(recomputed[2], rel=1e-6)  # 3 stacked candidates: other row slices

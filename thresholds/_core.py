@@ -303,6 +303,12 @@ def _rep(h: torch.Tensor, K: int) -> torch.Tensor:
     return h.repeat(K, *([1] * (h.ndim - 1)))
 
 
+# Memory the KL objective may spend keeping the dense model's log-probabilities, by device type
+# (float32, tokens x vocabulary): 2 GiB covers the shipped models' calibration sets on a CPU,
+# 16 GiB the 430M model's 64k tokens on a large GPU.
+DENSE_CACHE_BYTES = {"cpu": 2 << 30, "cuda": 16 << 30}
+
+
 class Stream:
     """The calibration set flowing through the model, cached at the input of the current segment.
 
@@ -318,6 +324,7 @@ class Stream:
         self.objective = objective
         self.dense_final: list[torch.Tensor] | None = None  # kl: the dense model's residual at the head
         self.dense_rows: torch.Tensor | None = None
+        self._lp_cache: dict[int, torch.Tensor] | bool | None = None  # kl: dense log-probabilities (see _score)
         if horizon is not None and int(horizon) < 1:
             raise ValueError(f"horizon must be >= 1 segment (or None for the exact loss), got {horizon}")
         self.horizon = None if horizon is None else int(horizon)
@@ -366,15 +373,31 @@ class Stream:
         B, T = x.shape[:2]
         mb = B // K
         out = torch.zeros(B, dtype=torch.float64, device=x.device)
-        dense = self.dense_final[k]
         rows = max(1, 8192 // max(T, 1))
         for sl in batches(B, rows):
             lq = F.log_softmax(self.segs.logits(x[sl]).float(), -1)
             idx = torch.arange(sl.start, sl.stop, device=x.device) % mb
-            lp = F.log_softmax(self.segs.logits(dense[idx]).float(), -1)
+            lp = self._dense_logprobs(k, idx, rows)
             out[sl] = (lp.exp() * (lp - lq)).sum(-1).double().sum(1)
         base = self.dense_rows[k * self.mb: k * self.mb + mb].to(x.device) if self.dense_rows is not None else 0
         return out + (base.repeat(K) if K > 1 and isinstance(base, torch.Tensor) else base)
+
+    def _dense_logprobs(self, k: int, idx: torch.Tensor, rows: int) -> torch.Tensor:
+        """The dense model's next-token log-probabilities of rows ``idx`` of minibatch ``k``.
+        Every candidate of every site compares with them, so they are computed once and kept
+        when all of them fit ``DENSE_CACHE_BYTES`` (computed in the same row slices a single
+        candidate uses, so on CPU the numbers are those of recomputing them); else recomputed."""
+        dense = self.dense_final[k]
+        if self._lp_cache is None:
+            V = self.model.config.vocab_size
+            need = sum(int(h.shape[0] * h.shape[1]) for h in self.dense_final) * V * 4
+            self._lp_cache = {} if need <= DENSE_CACHE_BYTES.get(dense.device.type, 0) else False
+        if self._lp_cache is False:
+            return F.log_softmax(self.segs.logits(dense[idx]).float(), -1)
+        if k not in self._lp_cache:
+            self._lp_cache[k] = torch.cat([F.log_softmax(self.segs.logits(dense[sl]).float(), -1)
+                                           for sl in batches(dense.shape[0], rows)])
+        return self._lp_cache[k][idx]
 
     def _stop(self) -> int:
         n = self.n_seg
