@@ -231,7 +231,7 @@ def _texts(setup: Setup, lm, tok) -> tuple[torch.Tensor, str, torch.Tensor, str]
     the calibration sequences in the same stream (disjoint from them).
     """
     from rllm.pile import PileDataError, calibration_text
-    from thresholds.calibrate import load_calib_tokens
+    from rllm.tokenizer import load_calib_tokens
     path = setup.calib or _data_file(lm, "calib.txt")
     try:
         ids, desc = calibration_text(tok, path, setup.calib_tokens + setup.eval_tokens + setup.sim_tokens, lm.name)
@@ -468,9 +468,11 @@ class Context:
         if self._natural is None:  # the same for every schedule
             self._natural = trace(self.model, self.sim_ids, {n: 0.0 for n in self.model.sites}, name=self.name,
                                   include_head=self.setup.head)
-        # with --head the head's input is a site on the chip too; otherwise the simulator counts it dense
+        # a thresholded head (--head, or a --schedule file made with it) is a site on the chip too;
+        # otherwise the simulator counts it dense
+        head = self.setup.head or bool((torch.as_tensor(schedule.thresholds.get("head", 0.0)) > 0).any())
         return trace(self.model, self.sim_ids, schedule.thresholds, name=self.name, block_inputs=block_inputs,
-                     include_head=self.setup.head)
+                     include_head=head)
 
     def predicting(self, program) -> bool:
         """Whether the fetch plan needs the trace's block inputs (a predictor of streamed weights)."""

@@ -306,6 +306,12 @@ def test_head_flag_thresholds_the_head_and_the_chip_counts_it(ckpt, tmp_path, ca
     assert s0["algorithm"]["params"]["include_head"] is False and s1["algorithm"]["params"]["include_head"] is True
     assert s0["thresholds"]["head"] == 0 and s1["thresholds"]["head"] > 0
     assert head.chip_mac_sparsity > plain.chip_mac_sparsity and head.energy_uJ < plain.energy_uJ
+    # the --head schedule replayed without the flag: its thresholded head is still counted as a site
+    out = tmp_path / "replayed"
+    assert run.main([str(ckpt), "--schedule", str(tmp_path / "head" / "schedule.json"), "--no-curve", "--out", str(out)]
+                    + FAST) == 0
+    replayed = pd.read_csv(out / "points.csv").set_index("point").loc["this run"]
+    assert replayed.chip_mac_sparsity == head.chip_mac_sparsity and replayed.energy_uJ == head.energy_uJ
     capsys.readouterr()
     assert run.main([str(ckpt), "--algorithm", "teal", "--head", "--no-curve", "--out", str(tmp_path / "t")] + FAST) == 2
     assert "--head" in one_line_error(capsys)
