@@ -136,6 +136,18 @@ def test_token_nll_is_the_per_token_cross_entropy(rwkv, tok):
         token_nll(rwkv, ids[:1])
 
 
+def test_token_nll_in_chunks_restarts_the_state_at_each_piece(rwkv, tok):
+    """chunks=3: every target scored once, in order; each piece equals that piece run alone
+    from a fresh state (its first token is the previous piece's last target)."""
+    ids = ids_of(tok, TEXT)
+    nll = token_nll(rwkv, ids, ctx=6, chunks=3)
+    assert nll.shape == (len(ids) - 1,)
+    cuts = [round(i * (len(ids) - 1) / 3) for i in range(4)]
+    ref = torch.cat([token_nll(rwkv, ids[a: b + 1], ctx=6) for a, b in zip(cuts, cuts[1:])])
+    torch.testing.assert_close(nll, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(nll, token_nll(rwkv, ids, ctx=6))  # the restarts are real
+
+
 def test_batched_documents_equal_one_at_a_time(rwkv, tok):
     docs = SENTENCES[:5]
     for stateful in (True, False):
