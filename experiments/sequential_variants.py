@@ -36,7 +36,7 @@ import torch
 from experiments.splits import DEV_TOKENS, calib_and_dev
 from rllm.evaluate import token_nll
 from rllm.weights import load_model
-from thresholds import ScheduleCache, calibrate, match_sparsity
+from thresholds import FINE_LEVELS, ScheduleCache, calibrate, match_sparsity
 from thresholds._core import dense_loss
 from thresholds.calibrate import load_calib_tokens
 
@@ -54,6 +54,12 @@ VARIANTS = {
     "floor0.3": dict(objective="kl", rule="slope", kappa=16.0, floor=0.3),
     "share": dict(objective="kl", rule="share"),
     "margin0": dict(objective="kl", rule="slope", kappa=16.0, floor="auto", margin=0.0),
+    # cheaper variants (for a CPU main command): a linear-cost loss estimate, a shorter scan, a coarser grid
+    "horizon2": dict(objective="kl", rule="slope", kappa=16.0, floor="auto", horizon=2),
+    "horizon4": dict(objective="kl", rule="slope", kappa=16.0, floor="auto", horizon=4),
+    "patience1": dict(objective="kl", rule="slope", kappa=16.0, floor="auto", patience=1),
+    # the 5% grid, the default before experiments/results/sequential_variants_pd12_16 adopted 10% steps
+    "levels5": dict(objective="kl", rule="slope", kappa=16.0, floor="auto", levels=FINE_LEVELS),
 }
 BUDGETS = (1.0, 0.5)  # fractions of the budget that keeps calibration perplexity within 5%
 
@@ -68,6 +74,8 @@ def parse(argv=None):
     ap.add_argument("--se-block", type=int, default=1024)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-chunks", type=int, default=1, help="score the development text as this many pieces side "
+                    "by side, each from a fresh state (rllm.evaluate.token_nll)")
     ap.add_argument("--cache-dir", default=None, help="schedule cache (default: the user cache)")
     ap.add_argument("--out", default="experiments/results/sequential_variants_dev")
     return ap.parse_args(argv)
@@ -93,8 +101,10 @@ def run_variant(name, kw, m, calib, dev_ids, dl, a, cache) -> tuple[list[dict], 
         s = calibrate(m, calib, "sequential", cache=cache, tolerance=tol, device=a.device, progress=False, **kw)
         u = match_sparsity(m, calib, "uniform", s.sparsity_mac_weighted, cache=cache, target="mac", device=a.device,
                            progress=False)
-        nll_s = token_nll(m, dev_ids, ctx=a.seq_len, device=a.device, thresholds=s.thresholds).numpy()
-        nll_u = token_nll(m, dev_ids, ctx=a.seq_len, device=a.device, thresholds=u.thresholds).numpy()
+        nll_s = token_nll(m, dev_ids, ctx=a.seq_len, device=a.device, thresholds=s.thresholds,
+                          chunks=a.eval_chunks).numpy()
+        nll_u = token_nll(m, dev_ids, ctx=a.seq_len, device=a.device, thresholds=u.thresholds,
+                          chunks=a.eval_chunks).numpy()
         mu, se = mean_se(nll_s - nll_u, a.se_block)
         excess.append(nll_s - nll_u)
         rows.append(dict(variant=name, budget_fraction=frac, budget=tol, sparsity=s.sparsity_mac_weighted,
