@@ -291,6 +291,7 @@ class Context:
     sim_ids: np.ndarray | None = None
     _programs: dict = field(default_factory=dict)
     _teal: Any = None
+    teal_reach: float = 0.0                 # the highest TEAL target this process will ask (its path stops there)
     _natural: Any = None                    # event trace of the simulation tokens at threshold 0
     dense_calib_loss: float | None = None
 
@@ -377,19 +378,27 @@ class Context:
         return self.dense_calib_loss
 
     def schedule(self, algorithm: str, params: Mapping[str, Any], progress: bool = False):
-        from thresholds import teal_trajectory
         from thresholds.calibrate import calibrate
         extra = {}
         if algorithm == "teal":
-            if self._teal is None:
-                # TEAL's own settings, on the same calibration tokens as every other algorithm
-                self._teal = teal_trajectory(self.model, self.calib, device=self.setup.device, progress=progress)
-            extra["trajectory"] = self._teal
+            extra["trajectory"] = self._teal_path(float(params["sparsity"]), progress)
         try:
             return calibrate(self.model, self.calib, algorithm, model_name=self.name, calib_description=self.calib_desc,
                              device=self.setup.device, progress=progress, **dict(params), **extra)
         except (ValueError, TypeError) as e:
             raise ExperimentError(f"{algorithm}: {e}") from None
+
+    def _teal_path(self, target: float, progress: bool):
+        """TEAL's greedy path (its own settings, on the same calibration tokens as every other
+        algorithm), computed once and only as far as needed: each block's path stops at its first
+        point at or above the highest target asked (``teal_reach``), a prefix of the full path
+        that gives every target up to there the same thresholds; a later, higher target extends it."""
+        from thresholds import teal_trajectory
+        reach = min(0.9, max(target, self.teal_reach))  # 0.9: TEAL's own end of the path
+        if self._teal is None or self._teal.params["max_sparsity"] < min(0.9, target):
+            self._teal = teal_trajectory(self.model, self.calib, device=self.setup.device, progress=progress,
+                                         max_sparsity=reach)
+        return self._teal
 
     def evaluate(self, thresholds) -> tuple[dict, Any]:
         """Held-out accuracy and sparsity under ``thresholds``: (row, per-site SparsityMeter table);

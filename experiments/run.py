@@ -209,6 +209,7 @@ def _main(a) -> int:
     if ctx.kind == "rwkv":  # a model that does not fit the chip fails here, before any long stage
         with stages("compile"):
             ctx.program()
+    ctx.teal_reach = _teal_reach(a, ctx, knob)
     torch.manual_seed(setup.seed)
     _banner(ctx, setup)
     point_stages = P.Stages(setup.device)
@@ -317,6 +318,14 @@ def _setup(a) -> tuple[P.Setup, float | None]:
     if a.tolerance is not None:
         raise P.ExperimentError(f"{a.algorithm} takes --sparsity (a target), not --tolerance")
     return setup, a.sparsity
+
+
+def _teal_reach(a, ctx, knob) -> float:
+    """The highest TEAL target of this run (its point and its curve's): TEAL's path stops there."""
+    asked = [k for alg, k in ([] if a.no_curve else parse_curve(a.curve)) if alg == "teal"]
+    if a.algorithm == "teal" and not a.schedule:
+        asked.append(P.resolve_knob(ctx, "teal", knob)["sparsity"])
+    return max(asked, default=0.0)
 
 
 def _banner(ctx, setup) -> None:

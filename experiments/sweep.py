@@ -43,6 +43,7 @@ def _worker_init(setup: P.Setup, threads: int | None = None) -> None:
     if threads is not None:
         workers.set_threads(threads)
     _CTX = P.Context.load(setup)
+    _CTX.teal_reach = 0.9  # a sweep asks TEAL targets in any order: its whole path, once per worker
     if _CTX.kind == "rwkv":  # a model that does not fit the chip fails here, before any point
         _CTX.program()
 

@@ -137,3 +137,14 @@ def test_shrink_toward_uniform(setup):
     assert all(float(t.abs().max()) == 0 for t in m.get_thresholds().values())  # the model is left as found
     with pytest.raises(ValueError):
         sequential(m, tok, tolerance=0.05, shrink=1.5, progress=False)
+
+
+def test_a_captures_sorted_quantiles_equal_quantiles_pooled():
+    """Capture.pooled_quantiles sorts once and keeps it; every level equals quantiles_pooled's."""
+    from thresholds._core import Capture, quantiles_pooled
+    cap = Capture(width=8, n_rows=50, max_values=1 << 10, max_rows=40, seed=1)
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(2)).clamp(min=0)  # many exact zeros
+    cap.add(x)
+    levels = [0.1, 0.37, 0.5, 0.9, 0.99]
+    assert cap.pooled_quantiles(levels) == quantiles_pooled(cap.values, levels)
+    assert cap.pooled_quantiles([0.5]) == quantiles_pooled(cap.values, [0.5])  # from the kept sort

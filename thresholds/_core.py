@@ -542,6 +542,16 @@ class Capture:
     def natural(self) -> float:
         return self.zeros / self.total if self.total else 0.0
 
+    def pooled_quantiles(self, levels: Sequence[float]) -> list[float]:
+        """``quantiles_pooled(self.values, levels)``, the sort done once per capture: a memoized dense
+        capture serves every target of uniform, CATS and the curve's points."""
+        if getattr(self, "_sorted", None) is None:
+            v = self.values.reshape(-1)
+            if v.numel() > (1 << 24):  # as quantiles_pooled
+                v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 24]]
+            self._sorted = v.sort().values
+        return [float(q) for q in _sorted_quantile(self._sorted, torch.tensor(list(levels), dtype=torch.float32))]
+
 
 def _capture_hook(cap: Capture):
     def hook(module, inputs, output):

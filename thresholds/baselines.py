@@ -108,7 +108,7 @@ def quantile_schedule(model, calib_tokens, *, sparsity: float, active: Sequence[
         thresholds: dict[str, Any] = {}
         if stats == "dense":
             for n in active:
-                thresholds[n] = quantiles_pooled(caps[n].values, [level])[0] if level > 0 else 0.0
+                thresholds[n] = caps[n].pooled_quantiles([level])[0] if level > 0 else 0.0
         else:
             stream = Stream(model, calib_tokens, dev, batch_tokens)
             for k, n in enumerate(active):
