@@ -90,6 +90,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--curve", nargs="+", metavar="ALG:K1,K2",
                     default=[f"{k}:{','.join(map(str, v))}" for k, v in P.DEFAULT_CURVE.items()],
                     help="the curve's points: algorithm:knob values (default %(default)s)")
+    ap.add_argument("--curve-tasks", action="store_true", help="score the curve's points on the cloze and "
+                    "multiple-choice sets too (default: held-out perplexity and sparsity, which the curve plots; the "
+                    "run's own point and dense always get every set)")
     ap.add_argument("--out", help="results directory (default results/MODEL)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", help="replay the settings of a config.json written by an earlier run")
@@ -372,10 +375,10 @@ def _curve(a, ctx, setup, out, progress) -> tuple[list[dict], list[dict]]:
     for alg, k in bar:
         bar.set_postfix_str(f"{alg} {k:g}")
         prm = P.resolve_knob(ctx, alg, k)
-        key = P.point_key(setup, alg, prm, fp)
+        key = P.point_key(setup, alg, {**prm, "curve_tasks": a.curve_tasks}, fp)
         rec = store.get(key)
         if rec is None:  # the calibration's own bar below this one (TEAL's path and sequential take minutes)
-            pt = P.run_point(ctx, alg, prm, progress=progress)
+            pt = P.run_point(ctx, alg, prm, progress=progress, tasks=a.curve_tasks)
             rec = {"row": pt.row, "timing": pt.timing}
             store.put(key, rec)
         rows.append(rec["row"])

@@ -467,16 +467,19 @@ def _ppl_stateful(model, docs, ctx, batch_size, dev, bar, per_token: dict | None
             mask[r, :len(d) - 1] = True
         inp, tgt, mask = inp.to(dev), tgt.to(dev), mask.to(dev)
         state = None
-        for s in range(0, T, ctx):
-            out = model(inp[:, s:s + ctx], state=state, return_state=True)
+        # a pass holds up to batch_size x ctx tokens however many rows the batch has: the windows of a
+        # batch are sequential calls, each with a fixed cost, so fewer rows run in longer windows
+        width = ctx * max(1, batch_size // len(rows))
+        for s in range(0, T, width):
+            out = model(inp[:, s:s + width], state=state, return_state=True)
             logits, state = _as_logits(out[0]), out[1]
-            ce = _token_ce(logits, tgt[:, s:s + ctx])
-            total += float((ce * mask[:, s:s + ctx].double()).sum())
+            ce = _token_ce(logits, tgt[:, s:s + width])
+            total += float((ce * mask[:, s:s + width].double()).sum())
             if per_token is not None:
                 for r, i in enumerate(rows):
                     if i in per_token:
-                        per_token[i].append(ce[r][mask[r, s:s + ctx]].cpu())
-            bar.update(int(mask[:, s:s + ctx].sum()))
+                        per_token[i].append(ce[r][mask[r, s:s + width]].cpu())
+            bar.update(int(mask[:, s:s + width].sum()))
     return total
 
 
