@@ -268,6 +268,35 @@ def loglikelihood(
     return results  # type: ignore[return-value]
 
 
+def _group_scores(model, groups: list[list[tuple[list[int], list[int]]]], *, batch_size: int,
+                  batch_tokens: int | None, max_length: int | None, device, progress: bool,
+                  desc: str) -> list[list[tuple[float, bool]]]:
+    """``loglikelihood`` of each request of each group (an item's choices, or one cloze passage).
+
+    A recurrent model that takes a state runs through :func:`rllm.scoring.group_loglikelihoods`:
+    the tokens a group's requests share are run once without the head (a multiple-choice context
+    once for all its choices, a cloze context up to its target), each request's rest continues from
+    a copy of that state, and batches are filled by tokens, length-sorted. Same numbers to float
+    rounding, about half the work on multiple choice. Other models, and ``max_length`` (lm-eval's
+    left truncation), take the flat ``loglikelihood`` batches of ``batch_size`` requests.
+    """
+    if max_length is None and supports_state(model) and is_recurrent(model):
+        from rllm.scoring import MAX_SEGMENTS, group_loglikelihoods  # not at the top: rllm.scoring imports us
+        # Groups of one request (cloze) share nothing: a prefix cut back costs its tokens once, not once
+        # per choice, so one prefix call per batch (cut to its shortest) beats several small calls.
+        segments = 1 if all(len(g) == 1 for g in groups) else MAX_SEGMENTS
+        return group_loglikelihoods(model, groups, batch_tokens=batch_tokens, max_segments=segments, device=device,
+                                    progress=progress, desc=desc)
+    flat = [req for g in groups for req in g]
+    res = loglikelihood(model, flat, batch_size=batch_size, max_length=max_length, device=device,
+                        progress=progress, desc=desc)
+    out, k = [], 0
+    for g in groups:
+        out.append(res[k:k + len(g)])
+        k += len(g)
+    return out
+
+
 def _stderr(values: Sequence[float]) -> float:
     """Standard error of the mean with the sample standard deviation (lm-eval's ``mean_stderr``)."""
     n = len(values)
@@ -368,7 +397,10 @@ def perplexity(
       ``supports_state``, when they are recurrent or every document fits their
       ``context_limit``): the state is carried from window to window, so the result equals one
       pass over the whole document, for any ``ctx`` (``ctx`` only bounds memory). Documents are
-      batched ``batch_size`` at a time.
+      batched ``batch_size`` at a time, and a forward pass holds up to ``batch_size x ctx`` tokens:
+      a batch of fewer documents runs in proportionally longer windows (one document: windows of
+      ``batch_size * ctx`` tokens), since the windows of a batch are sequential calls, each with a
+      fixed cost (on a CPU a 128-token window of one sequence costs ~1.6 times its arithmetic).
     * otherwise (or ``stateful=False``): windows are independent. With ``stride=None``
       they do not overlap (lm-eval's rolling windows: each window's input starts with the last
       token of the previous window, so every token is scored exactly once with between 1 and
@@ -574,6 +606,7 @@ def cloze_accuracy(
     items: Iterable[str | ClozeItem | Mapping] | str | os.PathLike,
     *,
     batch_size: int = 16,
+    batch_tokens: int | None = None,
     max_length: int | None = None,
     bos_id: int | None | str = AUTO,
     device: str | torch.device | None = None,
@@ -583,7 +616,9 @@ def cloze_accuracy(
     """LAMBADA-style last-word accuracy and target perplexity (lm-eval's ``lambada`` acc and ppl).
 
     ``items``: passages (split by ``ClozeItem.from_text``), ``{"text": ...}`` records,
-    ``ClozeItem``s, or the path of a jsonl file (``load_task``).
+    ``ClozeItem``s, or the path of a jsonl file (``load_task``). Recurrent models run in batches
+    of about ``batch_tokens`` tokens (default ``rllm.scoring.default_batch_tokens``), other models
+    in batches of ``batch_size`` passages (see ``_group_scores``).
     """
     if isinstance(items, (str, os.PathLike)):
         items = load_task(items, "lambada")
@@ -593,8 +628,8 @@ def cloze_accuracy(
     bos = _resolve_bos(bos_id, tokenizer)
     reqs = [_request_ids(tokenizer, it.context, it.target, bos, f"cloze item {i}") for i, it in enumerate(items)]
     with _evaluating(model, thresholds):
-        res = loglikelihood(model, reqs, batch_size=batch_size, max_length=max_length, device=device,
-                            progress=progress, desc="cloze")
+        res = [g[0] for g in _group_scores(model, [[r] for r in reqs], batch_size=batch_size, batch_tokens=batch_tokens,
+                                           max_length=max_length, device=device, progress=progress, desc="cloze")]
     correct = tuple(g for _, g in res)
     nll = tuple(-ll for ll, _ in res)
     n = len(items)
@@ -676,6 +711,7 @@ def multiple_choice(
     *,
     norm: str = "chars",
     batch_size: int = 16,
+    batch_tokens: int | None = None,
     max_length: int | None = None,
     bos_id: int | None | str = AUTO,
     device: str | torch.device | None = None,
@@ -684,7 +720,9 @@ def multiple_choice(
 ) -> MCResult:
     """Zero-shot multiple-choice accuracy by log-likelihood (lm-eval's ``acc`` and ``acc_norm``).
 
-    All choices of all items go through ``loglikelihood`` in batches. ``items`` may be a jsonl
+    On a recurrent model an item's context is run once and its choices continue from copies of
+    its state, in batches of about ``batch_tokens`` tokens; other models score every choice with
+    its context, ``batch_size`` requests a batch (see ``_group_scores``). ``items`` may be a jsonl
     path (``load_task``). ``norm``: ``"chars"`` (lm-eval) or ``"bytes"``, see the module doc.
     """
     if isinstance(items, (str, os.PathLike)):
@@ -696,18 +734,13 @@ def multiple_choice(
         if not isinstance(it, MCItem):
             raise TypeError(f"item {i} is {type(it).__name__}, expected MCItem (use load_task or PARSERS)")
     bos = _resolve_bos(bos_id, tokenizer)
-    reqs, owner = [], []
-    for i, it in enumerate(items):
-        for j, (c, x) in enumerate(it.requests()):
-            reqs.append(_request_ids(tokenizer, c, x, bos, f"item {i} choice {j}"))
-            owner.append(i)
+    groups = [[_request_ids(tokenizer, c, x, bos, f"item {i} choice {j}") for j, (c, x) in enumerate(it.requests())]
+              for i, it in enumerate(items)]
     lengths = [it.norm_lengths(norm) for it in items]
     with _evaluating(model, thresholds):
-        res = loglikelihood(model, reqs, batch_size=batch_size, max_length=max_length, device=device,
-                            progress=progress, desc="multiple choice")
-    lls: list[list[float]] = [[] for _ in items]
-    for i, (ll, _) in zip(owner, res):
-        lls[i].append(ll)
+        res = _group_scores(model, groups, batch_size=batch_size, batch_tokens=batch_tokens, max_length=max_length,
+                            device=device, progress=progress, desc="multiple choice")
+    lls = [[ll for ll, _ in g] for g in res]
     pred = tuple(_argmax(ll) for ll in lls)
     pred_norm = tuple(_argmax([l / max(n, 1) for l, n in zip(ll, ln)]) for ll, ln in zip(lls, lengths))
     hit = [float(p == it.label) for p, it in zip(pred, items)]

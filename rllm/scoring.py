@@ -13,8 +13,9 @@ the split moves chunk boundaries of the WKV sum) for about half the tokens on He
    the first scored position, so every scored logit comes from the second pass;
 2. *prefixes*: groups sorted by prefix length run in batches of about ``batch_tokens`` tokens;
    a batch runs segment by segment up to each distinct prefix length and keeps the state of the
-   rows that end there (at most ``MAX_SEGMENTS`` segments: prefixes are cut back to fewer
-   distinct lengths, the cut tokens joining the second pass);
+   rows that end there (at most ``max_segments``, by default ``MAX_SEGMENTS``, segments: prefixes
+   are cut back to fewer distinct lengths, the cut tokens joining the second pass; with one
+   segment every prefix of a batch is cut to the batch's shortest);
 3. *suffixes*: every request's remaining tokens, sorted by length, right-padded into batches,
    each row starting from its group's state. Padding follows the scored positions, so it never
    reaches them.
@@ -48,12 +49,14 @@ def default_batch_tokens(device: torch.device) -> int:
 
 
 def group_loglikelihoods(model: Any, groups: Sequence[Sequence[Request]], *, batch_tokens: int | None = None,
-                         device: str | torch.device | None = None, progress: bool = True,
-                         desc: str = "zero-shot") -> list[list[tuple[float, bool]]]:
+                         max_segments: int = MAX_SEGMENTS, device: str | torch.device | None = None,
+                         progress: bool = True, desc: str = "zero-shot") -> list[list[tuple[float, bool]]]:
     """``(sum log p(continuation | context), every token greedy)`` for each request of each group.
 
-    Requests are ``(context ids, continuation ids)``, both non-empty. Thresholds, eval mode and
-    no-grad are the caller's business.
+    Requests are ``(context ids, continuation ids)``, both non-empty. ``max_segments``: forward
+    calls per prefix batch, at most (fewer calls, more tokens cut to the second pass; one suits
+    groups of a single request, whose cut tokens are run once). Thresholds, eval mode and no-grad
+    are the caller's business.
     """
     dev = _model_device(model, device)
     batch_tokens = batch_tokens or default_batch_tokens(dev)
@@ -71,7 +74,7 @@ def group_loglikelihoods(model: Any, groups: Sequence[Sequence[Request]], *, bat
     try:
         for c in range(0, len(order), per_chunk):
             chunk = [plans[i] for i in order[c:c + per_chunk]]
-            states = _prefix_states(model, chunk, batch_tokens, dev)
+            states = _prefix_states(model, chunk, batch_tokens, dev, max_segments)
             for i, res in zip(order[c:c + per_chunk], _score_suffixes(model, chunk, states, batch_tokens, dev, bar)):
                 out[i] = res
     finally:
@@ -122,7 +125,7 @@ def _plan(group: Sequence[Request]) -> _Plan:
 # 2. prefixes
 # ------------------------------------------------------------------------------------------
 
-def _prefix_states(model, chunk: list[_Plan], batch_tokens: int, dev) -> Any:
+def _prefix_states(model, chunk: list[_Plan], batch_tokens: int, dev, max_segments: int = MAX_SEGMENTS) -> Any:
     """The state after each plan's prefix, stacked along the batch axis in chunk order (the empty
     state for an empty prefix). Chunk plans are sorted by prefix length, longest first; a plan's
     ``p`` may be cut back here (the cut tokens then go to its suffixes)."""
@@ -131,7 +134,7 @@ def _prefix_states(model, chunk: list[_Plan], batch_tokens: int, dev) -> Any:
     while i < len(chunk) and chunk[i].p > 0:
         batch = [j for j in range(i, min(i + max(1, batch_tokens // chunk[i].p), len(chunk))) if chunk[j].p > 0]
         i = batch[-1] + 1
-        _cut_to_segments(chunk, batch)
+        _cut_to_segments(chunk, batch, max_segments)
         batch = [j for j in batch if chunk[j].p > 0]  # a prefix cut to nothing starts from the empty state
         for j, st in zip(batch, _run_prefix_batch(model, [chunk[j].inputs[0][:chunk[j].p] for j in batch], dev)):
             rows[j] = st
@@ -139,12 +142,18 @@ def _prefix_states(model, chunk: list[_Plan], batch_tokens: int, dev) -> Any:
     return _cat([r if r is not None else empty for r in rows])
 
 
-def _cut_to_segments(chunk: list[_Plan], batch: list[int]) -> None:
+def _cut_to_segments(chunk: list[_Plan], batch: list[int], max_segments: int = MAX_SEGMENTS) -> None:
     """Round the batch's prefix lengths down to multiples of the smallest power of two that leaves
-    at most MAX_SEGMENTS distinct lengths: each distinct length costs a forward call, each cut
-    token a token more in the second pass. Rounding down keeps the batch sorted."""
+    at most ``max_segments`` distinct lengths: each distinct length costs a forward call, each cut
+    token a token more in the second pass. Rounding down keeps the batch sorted. One segment:
+    every prefix is cut to the batch's shortest (rounding could cut them all to nothing)."""
+    if max_segments <= 1:
+        shortest = min(chunk[j].p for j in batch)
+        for j in batch:
+            chunk[j].p = shortest
+        return
     q = 1
-    while len({chunk[j].p // q for j in batch}) > MAX_SEGMENTS:
+    while len({chunk[j].p // q for j in batch}) > max_segments:
         q *= 2
     for j in batch:
         chunk[j].p = q * (chunk[j].p // q)

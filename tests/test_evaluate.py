@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from rllm.evaluate import (
-    ClozeItem, MCItem, cloze_accuracy, context_limit, detect_kind, encode_pair, evaluate_all, is_recurrent,
-    load_task, loglikelihood, multiple_choice, perplexity, supports_state, token_nll,
+    ClozeItem, MCItem, applied_thresholds, cloze_accuracy, context_limit, detect_kind, encode_pair, evaluate_all,
+    is_recurrent, load_task, loglikelihood, multiple_choice, perplexity, supports_state, token_nll,
 )
 from rllm.model import RWKV, RWKVConfig
 
@@ -115,8 +115,28 @@ def test_stateful_windows_equal_one_full_pass(rwkv, tok):
     full = perplexity(rwkv, tok, TEXT, ctx=10_000, progress=False)  # bos "auto": <|endoftext|> first
     assert full.n_tokens == len(ids)
     assert full.nll == pytest.approx(direct_nll(rwkv, [0] + ids), rel=1e-5)
-    for ctx in (5, 16):
-        assert perplexity(rwkv, tok, TEXT, ctx=ctx, progress=False).nll == pytest.approx(full.nll, rel=1e-5)
+    for ctx in (5, 16):  # batch_size=1: windows of ctx tokens; the default 8: of 8 x ctx (one document)
+        for bs in (1, 8):
+            r = perplexity(rwkv, tok, TEXT, ctx=ctx, batch_size=bs, progress=False)
+            assert r.nll == pytest.approx(full.nll, rel=1e-5)
+
+
+def test_one_document_runs_in_windows_of_batch_size_times_ctx(rwkv, tok, monkeypatch):
+    """A batch of one document fills the batch's budget of batch_size x ctx tokens a pass: fewer,
+    longer windows, the same exact pass."""
+    ids = [0] + ids_of(tok, TEXT)
+    widths = []
+    forward = rwkv.forward
+
+    def counting(idx, state=None, return_state=False, logits=True):
+        widths.append(idx.shape[1])
+        return forward(idx, state=state, return_state=return_state, logits=logits)
+
+    monkeypatch.setattr(rwkv, "forward", counting)
+    r = perplexity(rwkv, None, ids, ctx=5, batch_size=4, bos_id=None, progress=False)
+    assert widths[:-1] == [20] * (len(widths) - 1) and sum(widths) == len(ids) - 1 and len(widths) > 2
+    monkeypatch.undo()
+    assert r.nll == pytest.approx(direct_nll(rwkv, ids), rel=1e-5)
 
 
 def test_token_nll_is_the_per_token_cross_entropy(rwkv, tok):
@@ -310,6 +330,73 @@ def test_loglikelihoods_match_direct_computation(rwkv, tok):
     (full, _), = loglikelihood(rwkv, reqs, progress=False)
     (cut, _), = loglikelihood(rwkv, reqs, max_length=len(reqs[0][1]) + 2, progress=False)
     assert full == pytest.approx(r.loglikelihoods[0][0], rel=1e-5) and cut != pytest.approx(full, rel=1e-6)
+
+
+def _alone(model, tok, context, continuation):
+    """The slow reference: one request alone, one plain forward over context + continuation,
+    float64 log-softmax: (summed log-probability of the continuation, every token the argmax)."""
+    ci, xi = encode_pair(tok, context, continuation)
+    ci = ci or [0]  # an empty context is the start token
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ci + xi])[:, :-1])[0].double(), -1)[len(ci) - 1:]
+    target = torch.tensor(xi)
+    return lp.gather(1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all())
+
+
+def _greedy_cloze(model, tok, n):
+    """Cloze items whose 1- or 2-token target is the model's own greedy continuation (so that
+    ``correct`` is tested on both outcomes); taken at token boundaries of SENTENCES."""
+    items = []
+    with torch.no_grad():
+        for ids in (ids_of(tok, s) for s in SENTENCES[:5]):
+            for k in range(2, len(ids) - 1, 3):
+                g = [int(model(torch.tensor([ids[:k]]))[0, -1].argmax())]
+                if k % 2:  # every other item a second greedy token
+                    g.append(int(model(torch.tensor([ids[:k] + g]))[0, -1].argmax()))
+                c, x = tok.decode(ids[:k]), tok.decode(g)
+                if encode_pair(tok, c, x) == (ids[:k], g):  # text that tokenizes back to the same ids
+                    items.append(ClozeItem(c, x))
+    assert len(items) >= n and {len(ids_of(tok, it.target)) for it in items[:n]} == {1, 2}
+    return items[:n]
+
+
+def test_shared_context_path_equals_each_request_alone(rwkv, tok, monkeypatch):
+    """Recurrent models: a context run once, its choices (1 to 29 tokens) continued from its state,
+    in token-filled batches small enough to need several prefix and suffix batches, thresholds
+    applied; against every request scored alone with a full forward."""
+    mc = [MCItem(" ".join(s.split()[:-k]), (s.split()[-k], "the", "on the mat and the dog", "zebra"), label=k % 4)
+          for k, s in zip((1, 2, 3, 4, 5, 1), SENTENCES[:6])]
+    mc += load_task(DATA / "winogrande.jsonl") + load_task(DATA / "hellaswag.jsonl") + [MCItem("", ("a", "b c"), 0)]
+    assert len({len(ids_of(tok, " " + c)) for it in mc[:6] for c in it.choices}) >= 4
+    th = {name: 0.05 for name in rwkv.sites if name != "head"}
+    with applied_thresholds(rwkv, th):
+        cloze = [ClozeItem.from_text(t) for t in SENTENCES[:5] + CLOZE] + _greedy_cloze(rwkv, tok, 6)
+    tokens = []
+    forward = rwkv.forward
+
+    def counting(idx, state=None, return_state=False, logits=True):
+        tokens.append(idx.numel())
+        return forward(idx, state=state, return_state=return_state, logits=logits)
+
+    monkeypatch.setattr(rwkv, "forward", counting)
+    r = multiple_choice(rwkv, tok, mc, batch_tokens=48, thresholds=th, progress=False)
+    mc_tokens = sum(tokens)
+    cz = cloze_accuracy(rwkv, tok, cloze, batch_tokens=48, thresholds=th, progress=False)
+    monkeypatch.undo()
+    with applied_thresholds(rwkv, th):
+        ref = [[_alone(rwkv, tok, c, x) for c, x in it.requests()] for it in mc]
+        ref_cz = [_alone(rwkv, tok, it.context, it.target) for it in cloze]
+    for got, want in zip(r.loglikelihoods, ref):
+        assert got == pytest.approx([ll for ll, _ in want], rel=1e-5, abs=1e-5)
+    first_max = lambda xs: max(range(len(xs)), key=lambda i: (xs[i], -i))
+    assert r.pred == tuple(first_max([ll for ll, _ in w]) for w in ref)
+    assert r.pred_norm == tuple(first_max([ll / n for (ll, _), n in zip(w, it.norm_lengths())])
+                                for w, it in zip(ref, mc))
+    assert cz.target_nll == pytest.approx([-ll for ll, _ in ref_cz], rel=1e-5, abs=1e-5)
+    assert cz.correct == tuple(g for _, g in ref_cz) and 0 < sum(cz.correct) < len(cloze)
+    # each context run once: far fewer tokens than the flat requests (every input of every choice)
+    flat = sum(len(ci or [0]) + len(xi) - 1 for it in mc for ci, xi in (encode_pair(tok, *q) for q in it.requests()))
+    assert mc_tokens < 0.7 * flat
 
 
 # --------------------------------------------------------------------------------- loaders
