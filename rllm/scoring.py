@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from rllm.evaluate import _as_logits, _model_device, is_recurrent, loglikelihood, supports_state
+from rllm.lm import _as_logits, _model_device, is_recurrent, loglikelihood, supports_state
 
 MAX_SEGMENTS = 8          # forward calls per prefix batch, at most
 # Prefix states held at once, in bytes (rwkv_430m: 0.5 MB a state, rwkv_1b5: 1 MB). More groups a
