@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -57,11 +58,22 @@ class Threshold(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.threshold
-        if t.ndim == 0 and float(t) == 0.0:
-            return x
+        if t.ndim == 0:
+            tv = float(t)
+            if tv == 0.0:
+                return x
+            if x.dtype == torch.float32:
+                # |x| >= t  <=>  |x| > the largest float32 below t: hardshrink is one fused pass,
+                # where() three (40x slower on a CPU for a 2048 x 256 input)
+                return F.hardshrink(x, _below_f32(tv))
         if t.ndim == 3 and x.ndim == 2:  # one threshold per sequence [B, 1, W], input flattened to [B*T, W]
             t = t.expand(t.shape[0], x.shape[0] // t.shape[0], t.shape[2]).reshape(-1, t.shape[2])
         return torch.where(x.abs() >= t.to(x.dtype), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _below_f32(t: float) -> float:
+    """The largest float32 below ``t > 0`` (exact as a Python float)."""
+    return float(np.nextafter(np.float32(t), np.float32(0)))
 
 
 def _shift(x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:

@@ -18,8 +18,8 @@ All WKV arithmetic is float32 whatever the model's dtype, as in the reference CU
 
 On CPU without autograd, ``wkv_sequence`` runs ``_wkv_numba``: the recurrence itself, token by
 token, parallel over batch x channels; it is ~100x faster there than the chunked tensors. On
-CUDA without autograd it runs the same recurrence as one Triton kernel (``rllm.gpu.wkv``)
-where Triton is installed.
+CUDA it runs the same recurrence as Triton kernels (``rllm.gpu.wkv``) where Triton is installed,
+with an exact hand-written gradient when autograd needs one (training).
 """
 from __future__ import annotations
 
@@ -120,24 +120,28 @@ def wkv_sequence(
     """WKV over a whole sequence. ``k, v``: ``[B, T, C]``; returns ``wkv [B, T, C]`` float32 and the final state.
 
     ``backend``: ``"torch"`` (chunked tensors of length ``chunk``: autograd, any device),
-    ``"numba"`` (the recurrence, CPU, no autograd), ``"triton"`` (the recurrence, CUDA, no
-    autograd) or ``"auto"`` (numba on CPU and Triton on CUDA when no gradient is needed and the
-    kernel is available, torch otherwise). Agrees with ``wkv_step`` applied token by token (to float32 rounding).
+    ``"numba"`` (the recurrence, CPU, no autograd), ``"triton"`` (the recurrence, CUDA; with
+    autograd its gradient reaches k, v, time_decay and time_first, not the initial state) or
+    ``"auto"`` (Triton on CUDA where it is installed and no gradient reaches the state, numba on
+    CPU without autograd, torch otherwise). Agrees with ``wkv_step`` applied token by token (to float32 rounding).
     """
     B, T, C = k.shape
     if state is None:
         state = initial_state(B, C, k.device)
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (k, v, time_decay, time_first, *state))
+    grad_on = torch.is_grad_enabled()
+    needs_grad = grad_on and any(t.requires_grad for t in (k, v, time_decay, time_first, *state))
+    state_grad = grad_on and any(s.requires_grad for s in state)
     if backend == "auto":
-        backend = "torch" if needs_grad else _recurrence_backend(k.device)
-    if backend in ("numba", "triton") and needs_grad:
-        raise ValueError(f"the {backend} WKV has no autograd: use backend='torch' for training")
+        backend = _recurrence_backend(k.device)
+        if needs_grad and (backend == "numba" or state_grad):
+            backend = "torch"
+    if backend == "numba" and needs_grad:
+        raise ValueError("the numba WKV has no autograd: use backend='torch' (or 'triton' on CUDA) for training")
     if backend == "numba":
         return _wkv_cpu(k, v, time_decay, time_first, state)
     if backend == "triton":
-        from rllm.gpu.wkv import wkv_triton  # lazy: Triton's import is slow and CUDA-only
-        return wkv_triton(k, v, time_decay, time_first, state)
+        from rllm.gpu.wkv import wkv_triton, wkv_triton_train  # lazy: Triton's import is slow and CUDA-only
+        return (wkv_triton_train if needs_grad else wkv_triton)(k, v, time_decay, time_first, state)
     return _wkv_chunked(k, v, time_decay, time_first, state, chunk)
 
 

@@ -207,3 +207,24 @@ def test_fetch_reports_a_missing_client_and_a_failed_download(tmp_path, monkeypa
     monkeypatch.setattr(fetch_mod, "_run_client", lambda p, dest: Failed())
     with pytest.raises(CorpusError, match="could not download pkg=1.0.*Unable to locate.*apt-get update"):
         fetch(p, tmp_path)
+
+
+def test_fetch_hands_the_client_an_absolute_cache_when_given_a_relative_one(tmp_path, monkeypatch):
+    """The client runs inside the cache directory, so a relative path (EVENT_RWKV_CACHE=.cache/x)
+    passed on as npm's --pack-destination would point below itself: it must arrive absolute."""
+    p = pin(tmp_path, b"payload")
+    seen = {}
+
+    class Done:
+        returncode, stdout, stderr = 0, "", ""
+
+    def client(p, dest):
+        seen["dest"] = dest
+        (dest / p.filename).write_bytes(b"payload")
+        return Done()
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fetch_mod, "_run_client", client)
+    got = fetch(p, "rel/cache")
+    assert seen["dest"].is_absolute() and seen["dest"] == tmp_path / "rel" / "cache"
+    assert got == tmp_path / "rel" / "cache" / p.filename

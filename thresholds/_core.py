@@ -154,8 +154,16 @@ class RWKVSegments:
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.head_input(x))
+
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head's matrix multiplies: the final LayerNorm's output through the head's site."""
         m = self.model
-        return m.head(m.head_site(m.ln_out(x)))
+        return m.head_site(m.ln_out(x))
+
+    @property
+    def head(self) -> torch.nn.Linear:
+        return self.model.head
 
     def segment_of(self, name: str) -> int:
         return segment_of(name, self.L)
@@ -375,21 +383,23 @@ class Stream:
         out = torch.zeros(B, dtype=torch.float64, device=x.device)
         rows = max(1, 8192 // max(T, 1))
         for sl in batches(B, rows):
-            logits = self.segs.logits(x[sl]).float()
             idx = torch.arange(sl.start, sl.stop, device=x.device) % mb
-            out[sl] = self._kl(k, idx, rows, logits).double().sum(1)
+            out[sl] = self._kl(k, idx, rows, x[sl]).double().sum(1)
         base = self.dense_rows[k * self.mb: k * self.mb + mb].to(x.device) if self.dense_rows is not None else 0
         return out + (base.repeat(K) if K > 1 and isinstance(base, torch.Tensor) else base)
 
-    def _kl(self, k: int, idx: torch.Tensor, rows: int, logits: torch.Tensor) -> torch.Tensor:
+    def _kl(self, k: int, idx: torch.Tensor, rows: int, x: torch.Tensor) -> torch.Tensor:
         """``KL(dense || thresholded)`` per position ``[R, T]`` of rows ``idx`` of minibatch ``k``,
-        from the thresholded model's ``logits``.
+        from the thresholded model's residual ``x`` at the head.
 
         Every candidate of every site compares with the same dense distribution ``p``, so when
         all of it fits ``DENSE_CACHE_BYTES`` it is computed once and kept with its negative
         entropy and mass, and the divergence is ``sum p log p - p . logits + logsumexp(logits) sum p``:
         one product-sum and one log-sum-exp over the vocabulary instead of a log-softmax and
-        three elementwise passes. Else both sides are recomputed each time."""
+        three elementwise passes. Where the head is one linear map of a head input ``z`` (RWKV),
+        ``p . logits = (p W) . z + p . b``, and ``p W`` is kept too: a product-sum over the model's
+        width instead of the vocabulary (the logits are then read once, by the log-sum-exp).
+        Else both sides are recomputed each time."""
         dense = self.dense_final[k]
         if self._lp_cache is None:
             V = self.model.config.vocab_size
@@ -397,19 +407,36 @@ class Stream:
             self._lp_cache = {} if need <= DENSE_CACHE_BYTES.get(dense.device.type, 0) else False
         if self._lp_cache is False:
             lp = F.log_softmax(self.segs.logits(dense[idx]).float(), -1)
-            return (lp.exp() * (lp - F.log_softmax(logits, -1))).sum(-1)
+            return (lp.exp() * (lp - F.log_softmax(self.segs.logits(x).float(), -1))).sum(-1)
         if k not in self._lp_cache:
-            lp = torch.cat([F.log_softmax(self.segs.logits(dense[sl]).float(), -1)
-                            for sl in batches(dense.shape[0], rows)])
-            p = lp.exp()
-            self._lp_cache[k] = (p, (p * lp).sum(-1), p.sum(-1))
-        p, neg_entropy, mass = self._lp_cache[k]
+            self._lp_cache[k] = self._dense_distribution(dense, rows)
+        p, neg_entropy, mass, pw, pb = self._lp_cache[k]
         a = int(idx[0])
         if int(idx[-1]) - a + 1 == idx.numel():  # consecutive rows (always on CPU): a view, not a copy
             idx = slice(a, a + idx.numel())
-        # (einsum's batched product here was off by up to 4e-3 nats on CPU; the plain product and sum
-        # are within 2e-5 of a float64 evaluation, and p's mass (1 to 1e-5) is kept exact)
-        return neg_entropy[idx] - (p[idx] * logits).sum(-1) + torch.logsumexp(logits, -1) * mass[idx]
+        if pw is not None:
+            z = self.segs.head_input(x)
+            logits = self.segs.head(z).float()
+            dot = (pw[idx] * z.float()).sum(-1) + (pb[idx] if pb is not None else 0.0)
+        else:
+            logits = self.segs.logits(x).float()
+            # (einsum's batched product here was off by up to 4e-3 nats on CPU; the plain product and
+            # sum are within 2e-5 of a float64 evaluation)
+            dot = (p[idx] * logits).sum(-1)
+        # p's mass (1 to 1e-5) is kept exact
+        return neg_entropy[idx] - dot + torch.logsumexp(logits, -1) * mass[idx]
+
+    def _dense_distribution(self, dense: torch.Tensor, rows: int) -> tuple:
+        """The kept dense side of one minibatch: ``sum p log p`` and ``sum p``, and where the head is
+        linear in ``head_input`` (RWKV) ``p W`` and ``p . b``, else ``p`` itself (the others None)."""
+        lp = torch.cat([F.log_softmax(self.segs.logits(dense[sl]).float(), -1) for sl in batches(dense.shape[0], rows)])
+        p = lp.exp()
+        pw = pb = None
+        head = getattr(self.segs, "head", None)
+        if head is not None:
+            pw = p @ head.weight.float()  # [rows, T, C]
+            pb = p @ head.bias.float() if head.bias is not None else None
+        return (p if pw is None else None), (p * lp).sum(-1), p.sum(-1), pw, pb
 
     def _stop(self) -> int:
         n = self.n_seg
@@ -467,9 +494,11 @@ class Stream:
                 parts = []
                 for kb, (h, y) in enumerate(zip(self.h, self.targets)):
                     mb = h.shape[0]
-                    t = torch.stack([c.reshape(-1) for c in cand])  # [K, 1 or W]
-                    t = t.repeat_interleave(mb, dim=0).unsqueeze(1)  # [K*mb, 1, 1 or W]
-                    set_raw_threshold(site, t)
+                    if K == 1 and cand[0].numel() == 1:  # one scalar candidate: the site's fast scalar path
+                        set_raw_threshold(site, cand[0].reshape(()))
+                    else:
+                        t = torch.stack([c.reshape(-1) for c in cand])  # [K, 1 or W]
+                        set_raw_threshold(site, t.repeat_interleave(mb, dim=0).unsqueeze(1))  # [K*mb, 1, 1 or W]
                     x = run_segments(self.model, _rep(h, K), self.seg, end)
                     x = self._at_head(kb, x, refs[kb], K)
                     parts.append(self._score(kb, x, K).view(K, mb).cpu())

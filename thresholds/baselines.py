@@ -229,7 +229,14 @@ def teal_error(y: torch.Tensor, ref: torch.Tensor, last_fraction: float) -> torc
     ``last_fraction`` of the positions, the L2 norm over positions of each (row, channel), averaged
     over channels. ``y``, ``ref``: ``[B, T, C]``; returns ``[B]``."""
     start = int(y.shape[1] * (1 - last_fraction))
-    return torch.linalg.vector_norm((y[:, start:] - ref[:, start:]).double(), dim=1).mean(-1)
+    return _l2_over_positions(y[:, start:] - ref[:, start:])
+
+
+def _l2_over_positions(d: torch.Tensor) -> torch.Tensor:
+    """``||d[b, :, c]||_2`` in float64, averaged over channels: ``[B, T, C] -> [B]``. (The sum of
+    squares over the positions, not ``linalg.vector_norm(dim=1)``, whose strided float64 reduction
+    took 18x longer on a CPU: 0.85 against 0.045 ms for 16 x 32 x 256, equal to 1e-15.)"""
+    return d.double().square().sum(1).sqrt().mean(-1)
 
 
 def _teal_block(model, stream, i, names, natural, sorted_vals, step, max_sparsity, last_fraction, max_level,
@@ -406,7 +413,7 @@ class _RWKVBlockEval:
         y = (xmid + fr * fv)[:, self.skip:]  # Block: x + ffn(ln2(x)), ChannelMix: r * value(k)
         ref = st["ref"]
         d = (y.view(n, *ref.shape) - ref).view(y.shape)
-        return torch.linalg.vector_norm(d.double(), dim=1).mean(-1).view(n, -1).sum(1)
+        return _l2_over_positions(d).view(n, -1).sum(1)
 
     @contextmanager
     def _raised(self, name: str, t: float):

