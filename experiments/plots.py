@@ -41,9 +41,14 @@ def energy_vs_accuracy(df: pd.DataFrame, path: str | Path, model: str, highlight
     dense = df[df.algorithm == "dense"]
     for ax, (col, label) in zip(axes, ycols):
         for alg, g in df[df.algorithm != "dense"].groupby("algorithm", sort=False):
+            # "<alg>, scaled": the run's schedule with its thresholds scaled, a dashed line through the run
+            scaled = alg.endswith(", scaled")
+            if scaled and highlight is not None and col in highlight:
+                g = pd.concat([g, pd.DataFrame([{"energy_uJ": highlight["energy_uJ"], col: highlight[col]}])])
             g = g.sort_values("energy_uJ")
-            c, mk = STYLE.get(alg, ("k", "x"))
-            ax.plot(g.energy_uJ, g[col], marker=mk, color=c, label=alg)
+            c, mk = STYLE.get(alg.split(",")[0], ("k", "x"))
+            ax.plot(g.energy_uJ, g[col], marker=mk, color=c, linestyle="--" if scaled else "-",
+                    label=alg.replace(", scaled", ": this run's thresholds x scale") if scaled else alg)
         if len(dense):
             ax.scatter(dense.energy_uJ, dense[col], marker="X", s=90, color="k", zorder=5, label="dense")
         if highlight is not None and col in highlight:

@@ -90,6 +90,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--curve", nargs="+", metavar="ALG:K1,K2",
                     default=[f"{k}:{','.join(map(str, v))}" for k, v in P.DEFAULT_CURVE.items()],
                     help="the curve's points: algorithm:knob values (default %(default)s)")
+    ap.add_argument("--curve-scales", type=float, nargs="*", default=list(P.DEFAULT_SCALES), metavar="B",
+                    help="points of the run's own schedule with every threshold multiplied by B: a line through "
+                         "the run's point that costs evaluations only, no calibration (default %(default)s; "
+                         "give the flag alone for none)")
     ap.add_argument("--curve-tasks", action="store_true", help="score the curve's points on the cloze and "
                     "multiple-choice sets too (default: held-out perplexity and sparsity, which the curve plots; the "
                     "run's own point and dense always get every set)")
@@ -155,8 +159,11 @@ def summary_table(dense: dict, sparse: dict, tuned: dict | None = None) -> pd.Da
             ("mean sparsity over sites (held-out)", "eval_sparsity_mean", ".3f"),
             ("  added beyond natural zeros (MAC-w.)", "eval_added_mac", ".3f"),
             ("perplexity (held-out)", "ppl", ".3f"), ("cloze accuracy", "cloze_acc", ".3f")]
-    rows += [(f"{k[:-4]} accuracy", k, ".3f") for k in sparse
-             if k.endswith("_acc") and k != "cloze_acc" and not k.startswith("zs_")]
+    for k in sparse:
+        if k.endswith("_acc") and k != "cloze_acc" and not k.startswith("zs_"):
+            rows.append((f"{k[:-4]} accuracy", k, ".3f"))
+            if f"{k}_mi" in sparse:
+                rows.append((f"{k[:-4]} accuracy, mutual information", f"{k}_mi", ".3f"))
     rows += zeroshot_rows(sparse)
     rows += [("MACs skipped on the chip (simulated tokens)", "chip_mac_sparsity", ".3f"),
              ("energy per token (uJ)", "energy_uJ", ".4g"), ("latency per token (us)", "latency_us", ".4g"),
@@ -223,7 +230,7 @@ def _main(a) -> int:
     print("event-based run ...", flush=True)
     point = P.run_point(ctx, algorithm, params, schedule=schedule, progress=progress, stages=point_stages)
     tuned = P.tuned_row(ctx, point, dense_pt.row) if point.report is not None else None
-    curve_rows, timings = _curve(a, ctx, setup, out, progress)
+    curve_rows, timings = _curve(a, ctx, setup, out, progress, point)
     run_times = {**point.timing, **stages.times, "compile_s": stages.times.get("compile_s", 0.0)
                  + point.timing.get("compile_s", 0.0)}  # the one mapping is compiled before any point
     timings = [{"point": "dense", **dense_pt.timing}, {"point": "this run", **run_times}] + timings
@@ -363,27 +370,47 @@ def _schedule(a, ctx, setup, knob, progress):
     return ctx.schedule(algorithm, params, progress=progress), algorithm, params
 
 
-def _curve(a, ctx, setup, out, progress) -> tuple[list[dict], list[dict]]:
-    """The energy-vs-accuracy curve's rows and timings (points cached under OUT/points)."""
+def _curve(a, ctx, setup, out, progress, run: P.Point) -> tuple[list[dict], list[dict]]:
+    """The energy-vs-accuracy curve's rows and timings (points cached under OUT/points): the
+    algorithms' points, then the run's schedule scaled (``--curve-scales``)."""
     if a.no_curve or ctx.eval_ids is None:
         return [], []
     from tqdm.auto import tqdm
     store = P.PointStore(out)
     fp = ctx.arch.fingerprint()
+    todo = [(alg, k) for alg, k in parse_curve(a.curve)] + [("scaled", b) for b in a.curve_scales]
     rows, timings = [], []
-    bar = tqdm(parse_curve(a.curve), desc="energy-vs-accuracy curve", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(todo, desc="energy-vs-accuracy curve", disable=not progress, dynamic_ncols=True)
     for alg, k in bar:
         bar.set_postfix_str(f"{alg} {k:g}")
-        prm = P.resolve_knob(ctx, alg, k)
-        key = P.point_key(setup, alg, {**prm, "curve_tasks": a.curve_tasks}, fp)
+        if alg == "scaled":
+            key = P.point_key(setup, "scaled", {"base": P.schedule_digest(run.schedule), "scale": k,
+                                                "curve_tasks": a.curve_tasks}, fp)
+        else:
+            prm = P.resolve_knob(ctx, alg, k)
+            key = P.point_key(setup, alg, {**prm, "curve_tasks": a.curve_tasks}, fp)
         rec = store.get(key)
         if rec is None:  # the calibration's own bar below this one (TEAL's path and sequential take minutes)
-            pt = P.run_point(ctx, alg, prm, progress=progress, tasks=a.curve_tasks)
+            pt = (_scaled_point(ctx, run, k, a.curve_tasks) if alg == "scaled"
+                  else P.run_point(ctx, alg, prm, progress=progress, tasks=a.curve_tasks))
             rec = {"row": pt.row, "timing": pt.timing}
             store.put(key, rec)
         rows.append(rec["row"])
         timings.append({"point": "curve", **rec["timing"]})
     return rows, timings
+
+
+def _scaled_point(ctx, run: P.Point, scale: float, tasks: bool) -> P.Point:
+    """The run's schedule with every threshold times ``scale``, as a curve point labelled
+    ``"<algorithm>, scaled"`` with knob ``scale``."""
+    st = P.Stages(ctx.setup.device)
+    with st("calibrate"):
+        sched = P.scaled_schedule(ctx, run.schedule, scale)
+    pt = P.run_point(ctx, None, None, schedule=sched, tasks=tasks, stages=st)
+    label = f"{run.row['algorithm']}, scaled"
+    pt.row.update(algorithm=label, knob="scale", knob_value=scale)
+    pt.timing.update(algorithm=label, knob_value=scale)
+    return pt
 
 
 def _print_summary(ctx, algorithm, params, dense, point, tuned, sites, timings) -> None:

@@ -82,8 +82,8 @@ def parse(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default="rwkv_pd12")
-    ap.add_argument("--algorithms", nargs="+", default=list(P.DEFAULT_CURVE), choices=list(P.KNOB))
-    ap.add_argument("--tolerances", type=float, nargs="+", default=list(P.DEFAULT_CURVE["sequential"]),
+    ap.add_argument("--algorithms", nargs="+", default=["sequential", *P.DEFAULT_CURVE], choices=list(P.KNOB))
+    ap.add_argument("--tolerances", type=float, nargs="+", default=[0.006],
                     help="knob values of sequential/paper (loss budgets)")
     ap.add_argument("--sparsities", type=float, nargs="+", default=list(P.DEFAULT_CURVE["uniform"]),
                     help="knob values of uniform/teal/cats/finetune (MAC-weighted targets)")

@@ -569,7 +569,8 @@ class MCItem:
 
 @dataclass(frozen=True)
 class MCResult:
-    """``acc``/``acc_norm`` over ``n`` items, with per-item predictions and log-likelihoods."""
+    """``acc``/``acc_norm`` (and, if asked, ``acc_mutual_info``) over ``n`` items, with per-item
+    predictions and log-likelihoods."""
 
     acc: float
     acc_norm: float
@@ -579,10 +580,17 @@ class MCResult:
     pred: tuple[int, ...] = field(repr=False, default=())
     pred_norm: tuple[int, ...] = field(repr=False, default=())
     loglikelihoods: tuple[tuple[float, ...], ...] = field(repr=False, default=())
+    acc_mutual_info: float = float("nan")
+    acc_mutual_info_stderr: float = float("nan")
+    pred_mutual_info: tuple[int, ...] = field(repr=False, default=())
+    unconditional: tuple[tuple[float, ...], ...] = field(repr=False, default=())
 
     def to_dict(self) -> dict:
-        return {"acc": self.acc, "acc_stderr": self.acc_stderr, "acc_norm": self.acc_norm,
-                "acc_norm_stderr": self.acc_norm_stderr, "n": self.n}
+        d = {"acc": self.acc, "acc_stderr": self.acc_stderr, "acc_norm": self.acc_norm,
+             "acc_norm_stderr": self.acc_norm_stderr, "n": self.n}
+        if self.pred_mutual_info:
+            d.update(acc_mutual_info=self.acc_mutual_info, acc_mutual_info_stderr=self.acc_mutual_info_stderr)
+        return d
 
 
 def _argmax(xs: Sequence[float]) -> int:
@@ -602,6 +610,7 @@ def multiple_choice(
     device: str | torch.device | None = None,
     thresholds: Any = None,
     progress: bool = True,
+    mutual_info: bool = False,
 ) -> MCResult:
     """Zero-shot multiple-choice accuracy by log-likelihood (lm-eval's ``acc`` and ``acc_norm``).
 
@@ -609,6 +618,12 @@ def multiple_choice(
     its state, in batches of about ``batch_tokens`` tokens; other models score every choice with
     its context, ``batch_size`` requests a batch (see ``_group_scores``). ``items`` may be a jsonl
     path (``load_task``). ``norm``: ``"chars"`` (lm-eval) or ``"bytes"``, see the module doc.
+
+    ``mutual_info``: also lm-eval's ``acc_mutual_info``: each choice's log-likelihood after the
+    context minus its log-likelihood with no context (lm-eval's unconditional request
+    ``("", choice)``; here the start token alone precedes it), so that what the context adds
+    decides, not how likely the choice is anyway. It needs the usual form (choices scored as
+    continuations).
     """
     if isinstance(items, (str, os.PathLike)):
         items = load_task(items)
@@ -622,18 +637,35 @@ def multiple_choice(
     groups = [[_request_ids(tokenizer, c, x, bos, f"item {i} choice {j}") for j, (c, x) in enumerate(it.requests())]
               for i, it in enumerate(items)]
     lengths = [it.norm_lengths(norm) for it in items]
+    uncond = [_unconditional_ids(tokenizer, it, bos, i) for i, it in enumerate(items)] if mutual_info else []
     with _evaluating(model, thresholds):
-        res = _group_scores(model, groups, batch_size=batch_size, batch_tokens=batch_tokens, max_length=max_length,
-                            device=device, progress=progress, desc="multiple choice")
-    lls = [[ll for ll, _ in g] for g in res]
+        res = _group_scores(model, groups + uncond, batch_size=batch_size, batch_tokens=batch_tokens,
+                            max_length=max_length, device=device, progress=progress, desc="multiple choice")
+    n = len(items)
+    lls = [[ll for ll, _ in g] for g in res[:n]]
     pred = tuple(_argmax(ll) for ll in lls)
-    pred_norm = tuple(_argmax([l / max(n, 1) for l, n in zip(ll, ln)]) for ll, ln in zip(lls, lengths))
+    pred_norm = tuple(_argmax([l / max(k, 1) for l, k in zip(ll, ln)]) for ll, ln in zip(lls, lengths))
     hit = [float(p == it.label) for p, it in zip(pred, items)]
     hit_norm = [float(p == it.label) for p, it in zip(pred_norm, items)]
-    n = len(items)
+    mi = {}
+    if mutual_info:
+        ull = [[ll for ll, _ in g] for g in res[n:]]
+        pred_mi = tuple(_argmax([a - b for a, b in zip(l, u)]) for l, u in zip(lls, ull))
+        hit_mi = [float(p == it.label) for p, it in zip(pred_mi, items)]
+        mi = dict(acc_mutual_info=sum(hit_mi) / n, acc_mutual_info_stderr=_stderr(hit_mi), pred_mutual_info=pred_mi,
+                  unconditional=tuple(tuple(u) for u in ull))
     return MCResult(acc=sum(hit) / n, acc_norm=sum(hit_norm) / n, n=n, acc_stderr=_stderr(hit),
                     acc_norm_stderr=_stderr(hit_norm), pred=pred, pred_norm=pred_norm,
-                    loglikelihoods=tuple(tuple(ll) for ll in lls))
+                    loglikelihoods=tuple(tuple(ll) for ll in lls), **mi)
+
+
+def _unconditional_ids(tokenizer, item: MCItem, bos: int | None, i: int) -> list[tuple[list[int], list[int]]]:
+    """lm-eval's unconditional requests of an item: each choice alone, ``("", choice)``."""
+    if item.continuation is not None:
+        raise ValueError(f"item {i}: mutual information needs choices scored as continuations, not the "
+                         "partial-context form (WinoGrande)")
+    return [_request_ids(tokenizer, "", c, bos, f"item {i} choice {j} (unconditional)")
+            for j, c in enumerate(item.choices)]
 
 
 # ======================================================================================

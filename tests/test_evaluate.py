@@ -332,6 +332,27 @@ def test_loglikelihoods_match_direct_computation(rwkv, tok):
     assert full == pytest.approx(r.loglikelihoods[0][0], rel=1e-5) and cut != pytest.approx(full, rel=1e-6)
 
 
+def test_mutual_information_subtracts_each_choice_alone(rwkv, tok):
+    """acc_mutual_info (lm-eval's): the choice whose log-likelihood after the context most exceeds
+    its log-likelihood alone (after the start token), each side computed by the slow reference."""
+    items = load_task(DATA / "piqa.jsonl") + load_task(DATA / "hellaswag.jsonl")
+    r = multiple_choice(rwkv, tok, items, progress=False, mutual_info=True)
+    hits = []
+    for i, it in enumerate(items):
+        cond = [_alone(rwkv, tok, c, x)[0] for c, x in it.requests()]
+        alone = [_alone(rwkv, tok, "", c)[0] for c in it.choices]
+        assert r.loglikelihoods[i] == pytest.approx(cond, rel=1e-4, abs=1e-4)
+        assert r.unconditional[i] == pytest.approx(alone, rel=1e-4, abs=1e-4)
+        gain = [a - b for a, b in zip(cond, alone)]
+        assert r.pred_mutual_info[i] == max(range(len(gain)), key=lambda j: (gain[j], -j))
+        hits.append(r.pred_mutual_info[i] == it.label)
+    assert r.acc_mutual_info == pytest.approx(sum(hits) / len(items))
+    assert "acc_mutual_info" in r.to_dict() and "acc_mutual_info" not in multiple_choice(
+        rwkv, tok, items, progress=False).to_dict()
+    with pytest.raises(ValueError, match="partial-context"):
+        multiple_choice(rwkv, tok, load_task(DATA / "winogrande.jsonl"), progress=False, mutual_info=True)
+
+
 def _alone(model, tok, context, continuation):
     """The slow reference: one request alone, one plain forward over context + continuation,
     float64 log-softmax: (summed log-probability of the continuation, every token the argmax)."""

@@ -65,6 +65,13 @@ def test_run_writes_the_table_the_results_and_every_plot(ckpt, tmp_path, capsys)
     this = pts[pts.point == "this run"].iloc[0]
     dense = pts[pts.point == "dense"].iloc[0]
     assert this.eval_sparsity_mac > dense.eval_sparsity_mac
+    # and the run's own schedule with its thresholds scaled (--curve-scales, default 0.25 0.5 0.75): less
+    # sparse the smaller the scale, all below the run itself
+    scaled = pts[pts.algorithm == "uniform, scaled"].sort_values("knob_value")
+    assert list(scaled.knob_value) == [0.25, 0.5, 0.75] and set(scaled.knob) == {"scale"}
+    assert list(scaled.sparsity_mac) == sorted(scaled.sparsity_mac) and scaled.sparsity_mac.max() < this.sparsity_mac
+    # multiple choice is scored by lm-eval's acc and acc_mutual_info
+    assert 0 <= this.mc_acc <= 1 and 0 <= this.mc_acc_mi <= 1 and "mutual information" in text
     # one dense baseline in the folder: every row's, the chip report's and the table's are one number
     assert this.energy_uJ < dense.energy_uJ
     assert (pts.dense_energy_uJ == dense.energy_uJ).all() and (pts.dense_latency_us == dense.latency_us).all()

@@ -306,6 +306,23 @@ def head_nll(model, x: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 81
     return out
 
 
+LSE_ROWS = 128  # positions per piece of _head_logsumexp: a 128 x 12,288 float32 piece (6 MiB) stays in cache
+
+
+def _head_logsumexp(head: torch.nn.Linear, z: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(head(z))`` over the vocabulary, ``z [..., C]`` -> ``[...]`` float32, on a CPU
+    computed ``LSE_ROWS`` positions at a time so that each piece of logits is reduced while still in
+    cache (on a 2-core CPU: 102 against 133 ms for 2,048 positions x 12,288 tokens, the same values)."""
+    flat = z.reshape(-1, z.shape[-1])
+    w = head.weight
+    b = head.bias
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=z.device)
+    step = LSE_ROWS if z.device.type == "cpu" else max(1, flat.shape[0])  # a GPU wants one large product
+    for s in range(0, flat.shape[0], step):
+        out[s:s + step] = torch.logsumexp(F.linear(flat[s:s + step], w, b).float(), -1)
+    return out.view(z.shape[:-1])
+
+
 def _rep(h: torch.Tensor, K: int) -> torch.Tensor:
     """``K`` copies of a minibatch stacked on the batch axis (token ids or hidden states)."""
     return h.repeat(K, *([1] * (h.ndim - 1)))
@@ -416,8 +433,8 @@ class Stream:
             idx = slice(a, a + idx.numel())
         if pw is not None:
             z = self.segs.head_input(x)
-            logits = self.segs.head(z).float()
             dot = (pw[idx] * z.float()).sum(-1) + (pb[idx] if pb is not None else 0.0)
+            return neg_entropy[idx] - dot + _head_logsumexp(self.segs.head, z) * mass[idx]
         else:
             logits = self.segs.logits(x).float()
             # (einsum's batched product here was off by up to 4e-3 nats on CPU; the plain product and

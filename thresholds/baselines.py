@@ -395,7 +395,8 @@ class _RWKVBlockEval:
 
     def _ffn_k(self, xk):
         ffn = self.blk.ffn
-        return torch.square(torch.relu(ffn.key(ffn.sites["key"](xk))))
+        k = torch.relu(ffn.key(ffn.sites["key"](xk)))
+        return k * k  # as ChannelMix._mix
 
     def _ffn_candidate(self, st, site: str) -> dict[str, torch.Tensor]:
         """The channel-mix pieces that change when ``ffn.<site>`` has the threshold now set on it."""
