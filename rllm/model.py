@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rllm.linear import Linear
 from rllm.wkv import initial_state, wkv_sequence, wkv_step
 
 # Site order inside a block: the order the sequential calibration visits them (Knunyants et al.).
@@ -91,10 +92,10 @@ class TimeMix(nn.Module):
         self.time_mix_k = nn.Parameter(torch.zeros(C))
         self.time_mix_v = nn.Parameter(torch.zeros(C))
         self.time_mix_r = nn.Parameter(torch.zeros(C))
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
+        self.key = Linear(C, C, bias=False)
+        self.value = Linear(C, C, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.output = Linear(C, C, bias=False)
         self.sites = nn.ModuleDict({s: Threshold(f"blocks.{layer}.att.{s}", C, C) for s in ATT_SITES})
 
     def _mix(self, x, xx):
@@ -121,9 +122,9 @@ class ChannelMix(nn.Module):
         C, F_ = cfg.n_embd, cfg.ffn_dim
         self.time_mix_k = nn.Parameter(torch.zeros(C))
         self.time_mix_r = nn.Parameter(torch.zeros(C))
-        self.key = nn.Linear(C, F_, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(F_, C, bias=False)
+        self.key = Linear(C, F_, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.value = Linear(F_, C, bias=False)
         self.sites = nn.ModuleDict({
             "receptance": Threshold(f"blocks.{layer}.ffn.receptance", C, C),
             "key": Threshold(f"blocks.{layer}.ffn.key", C, F_),
@@ -191,7 +192,7 @@ class RWKV(nn.Module):
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.head_site = Threshold("head", cfg.n_embd, cfg.vocab_size)
         self.init_weights()
 

@@ -170,6 +170,33 @@ def test_bfloat16_model_tracks_float32():
     assert (low - ref).abs().mean() < 0.05
 
 
+def test_onednn_linear_equals_f_linear_and_keeps_gradients(monkeypatch):
+    """rllm.linear's oneDNN path (inference on CPU float32) agrees with F.linear to float32 rounding;
+    with a gradient to compute, or with the path off, it is F.linear itself."""
+    import torch.nn.functional as F
+
+    import rllm.linear as L
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(37, 96, generator=g), torch.randn(200, 96, generator=g)
+    b = torch.randn(200, generator=g)
+    ref = F.linear(x.double(), w.double(), b.double())
+    with torch.no_grad():
+        out = L.linear(x, w, b)
+    assert out.dtype == torch.float32 and out.shape == (37, 200)
+    assert torch.allclose(out.double(), ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
+    wg = w.clone().requires_grad_(True)
+    y = L.linear(x, wg, b)
+    assert y.grad_fn is not None  # the autograd path, not oneDNN's (which has none)
+    y.sum().backward()
+    assert torch.allclose(wg.grad, x.sum(0).expand(200, -1) * 1.0, atol=1e-4)
+    monkeypatch.setattr(L, "ONEDNN", False)
+    with torch.no_grad():
+        assert torch.equal(L.linear(x, w, b), F.linear(x, w, b))
+    # A model built with it holds an nn.Linear's parameters under nn.Linear's names.
+    assert isinstance(tiny().head, torch.nn.Linear) and "head.weight" in tiny().state_dict()
+
+
 def test_site_names_and_order_follow_the_paper():
     m = tiny(n_layer=2)
     names = list(m.sites)

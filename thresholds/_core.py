@@ -314,12 +314,10 @@ def _head_logsumexp(head: torch.nn.Linear, z: torch.Tensor) -> torch.Tensor:
     computed ``LSE_ROWS`` positions at a time so that each piece of logits is reduced while still in
     cache (on a 2-core CPU: 102 against 133 ms for 2,048 positions x 12,288 tokens, the same values)."""
     flat = z.reshape(-1, z.shape[-1])
-    w = head.weight
-    b = head.bias
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=z.device)
     step = LSE_ROWS if z.device.type == "cpu" else max(1, flat.shape[0])  # a GPU wants one large product
     for s in range(0, flat.shape[0], step):
-        out[s:s + step] = torch.logsumexp(F.linear(flat[s:s + step], w, b).float(), -1)
+        out[s:s + step] = torch.logsumexp(head(flat[s:s + step]).float(), -1)
     return out.view(z.shape[:-1])
 
 
