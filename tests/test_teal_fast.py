@@ -33,9 +33,11 @@ def _checked(record):
             self.args = model, i, hs, refs, last_fraction
 
         def errors(self, cand, new_t, thr):
+            hits = self.memo_hits
             fast = super().errors(cand, new_t, thr)
             model, i, hs, refs, lf = self.args
-            record.append((list(cand), fast, B._block_errors(model, hs, refs, 2 * i, 2 * i + 2, cand, new_t, thr, lf)))
+            record.append((list(cand), fast, B._block_errors(model, hs, refs, 2 * i, 2 * i + 2, cand, new_t, thr, lf),
+                           self.memo_hits - hits))
             return fast
     return Checked
 
@@ -56,8 +58,11 @@ def test_fast_path_equals_the_whole_block_for_every_candidate(setup, monkeypatch
         assert len(g) == len(r) > 10
         assert g == r  # block sparsities and thresholds, exactly
     assert len(record) == sum(len(p) - 1 for p in ref.points)
-    assert {len(c) for c, _, _ in record} >= {7}
-    for cand, fast, slow in record:
+    assert {len(c) for c, _, _, _ in record} >= {7}
+    # pieces kept from earlier steps were used (a step that moved a channel-mix site leaves the
+    # time-mix candidates' pieces valid), and the errors still equal the whole block's
+    assert sum(h for *_, h in record) > len(record)
+    for cand, fast, slow, _ in record:
         torch.testing.assert_close(fast, slow, rtol=1e-6, atol=0)
         assert int(torch.argmin(fast)) == int(torch.argmin(slow))
     # the model is left as it was

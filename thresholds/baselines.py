@@ -338,6 +338,11 @@ class _RWKVBlockEval:
         self.skip = start - lo
         self.state: list[dict[str, torch.Tensor]] = []
         self.pending: list[dict[str, dict[str, torch.Tensor]]] = []
+        # Pieces kept from earlier steps, one slot per (minibatch, tag), with the thresholds they
+        # were computed under: a step that moved another site leaves most of them valid (a step
+        # on a channel-mix site changes no time-mix piece), so they are not recomputed.
+        self.memo: dict[tuple, tuple[tuple, Any]] = {}
+        self.memo_hits = 0
         for h, r in zip(hs, refs):
             base = blk.ln0(h) if i == 0 else h  # RWKVSegments.run: ln0 opens segment 0
             x = blk.ln1(base)
@@ -353,6 +358,22 @@ class _RWKVBlockEval:
             st["xmid"] = self._att_out(st, st["r"], st["wkv"])
             st.update(self._ffn_pieces(st["xmid"]))
             self.state.append(st)
+
+    # --- pieces kept between steps ----------------------------------------------------------
+    def _live(self, seg: str) -> tuple[float, ...]:
+        """The thresholds now on the segment's sites (``att`` or ``ffn``), raised candidates included."""
+        return tuple(float(s.threshold) for s in getattr(self.blk, seg).sites.values())
+
+    def _cached(self, slot: tuple, key: tuple, compute):
+        """``compute()``, or what it returned for the same ``slot`` under the same ``key`` (the
+        thresholds and inputs it depends on): the same tensors, so the same numbers."""
+        hit = self.memo.get(slot)
+        if hit is not None and hit[0] == key:
+            self.memo_hits += 1
+            return hit[1]
+        value = compute()
+        self.memo[slot] = (key, value)
+        return value
 
     # --- the time-mix (TimeMix.forward), its output on the tail ---------------------------
     def _wkv(self, k, v):
@@ -382,15 +403,25 @@ class _RWKVBlockEval:
         return new
 
     # --- the channel-mix (ChannelMix._mix) on the tail -------------------------------------
-    def _ffn_pieces(self, xmid) -> dict[str, torch.Tensor]:
+    def _ffn_pieces(self, xmid, cache: tuple | None = None) -> dict[str, torch.Tensor]:
+        """The channel-mix pieces of ``xmid`` under the current thresholds. ``cache``: ``(slot,
+        key)`` naming ``xmid`` (the thresholds it came from), to keep each piece for later steps."""
         ffn = self.blk.ffn
         s = ffn.sites
-        x = self.blk.ln2(xmid)
-        xx = _shift(x, None)  # wrong at the tail's first position only, which is not scored
-        p = dict(fxk=x * ffn.time_mix_k + xx * (1 - ffn.time_mix_k), fxr=x * ffn.time_mix_r + xx * (1 - ffn.time_mix_r))
-        p["fr"] = torch.sigmoid(ffn.receptance(s["receptance"](p["fxr"])))
-        p["fk"] = self._ffn_k(p["fxk"])
-        p["fv"] = ffn.value(s["value"](p["fk"]))
+
+        def piece(tag, deps, compute):
+            return compute() if cache is None else self._cached((*cache[0], tag), (cache[1], deps), compute)
+
+        def mixes():
+            x = self.blk.ln2(xmid)
+            xx = _shift(x, None)  # wrong at the tail's first position only, which is not scored
+            return x * ffn.time_mix_k + xx * (1 - ffn.time_mix_k), x * ffn.time_mix_r + xx * (1 - ffn.time_mix_r)
+
+        t_r, t_k, t_v = (float(s[n].threshold) for n in ("receptance", "key", "value"))
+        p = dict(zip(("fxk", "fxr"), piece("mix", (), mixes)))
+        p["fr"] = piece("fr", t_r, lambda: torch.sigmoid(ffn.receptance(s["receptance"](p["fxr"]))))
+        p["fk"] = piece("fk", t_k, lambda: self._ffn_k(p["fxk"]))
+        p["fv"] = piece("fv", (t_k, t_v), lambda: ffn.value(s["value"](p["fk"])))
         return p
 
     def _ffn_k(self, xk):
@@ -398,16 +429,19 @@ class _RWKVBlockEval:
         k = torch.relu(ffn.key(ffn.sites["key"](xk)))
         return k * k  # as ChannelMix._mix
 
-    def _ffn_candidate(self, st, site: str) -> dict[str, torch.Tensor]:
-        """The channel-mix pieces that change when ``ffn.<site>`` has the threshold now set on it."""
+    def _ffn_candidate(self, b: int, st, site: str) -> dict[str, torch.Tensor]:
+        """The channel-mix pieces that change when ``ffn.<site>`` has the threshold now set on it
+        (minibatch ``b``; kept for a later step under the same thresholds)."""
         ffn = self.blk.ffn
+        att, (t_r, t_k, t_v) = self._live("att"), self._live("ffn")
         if site == "receptance":
-            return {"fr": torch.sigmoid(ffn.receptance(ffn.sites["receptance"](st["fxr"])))}
-        k = self._ffn_k(st["fxk"]) if site == "key" else st["fk"]
-        new = {"fv": ffn.value(ffn.sites["value"](k))}
+            return {"fr": self._cached((b, "cand fr"), (att, t_r),
+                                       lambda: torch.sigmoid(ffn.receptance(ffn.sites["receptance"](st["fxr"]))))}
         if site == "key":
-            new["fk"] = k
-        return new
+            k = self._cached((b, "cand fk"), (att, t_k), lambda: self._ffn_k(st["fxk"]))
+            return {"fk": k, "fv": self._cached((b, "cand fv of fk"), (att, t_k, t_v),
+                                                lambda: ffn.value(ffn.sites["value"](k)))}
+        return {"fv": self._cached((b, "cand fv"), (att, t_k, t_v), lambda: ffn.value(ffn.sites["value"](st["fk"])))}
 
     def _err(self, xmid, fr, fv, st, n: int) -> torch.Tensor:
         """TEAL's error of ``n`` stacked candidates (rows ``j*mb ...``), summed over rows: ``[n]``."""
@@ -435,25 +469,26 @@ class _RWKVBlockEval:
         err = torch.zeros(len(cand), dtype=torch.float64, device=self.state[0]["ref"].device)
         att_idx = [j for j, n in enumerate(cand) if n[len(self.prefix):].startswith("att.")]
         self.pending = []
-        for st in self.state:
+        for b, st in enumerate(self.state):
             pend: dict[str, dict[str, torch.Tensor]] = {}
             for j, n in enumerate(cand):
                 if j not in att_idx:
                     with self._raised(n, new_t[n]) as (_, site):
-                        pend[n] = self._ffn_candidate(st, site)
+                        pend[n] = self._ffn_candidate(b, st, site)
                     err[j] += self._err(st["xmid"], pend[n].get("fr", st["fr"]), pend[n].get("fv", st["fv"]), st, 1)[0]
             if att_idx:
-                new = []
+                new, keys = [], []
                 for j in att_idx:
                     with self._raised(cand[j], new_t[cand[j]]) as (_, site):
-                        new.append(self._att_candidate(st, site))
-                x = torch.cat([p["xmid"] for p in new])  # [n_att * mb, T - lo, C], the current ffn thresholds
-                f = self._ffn_pieces(x)
+                        keys.append((site, self._live("att")))
+                        new.append(self._cached((b, "cand att", site), keys[-1], lambda: self._att_candidate(st, site)))
+                # [n_att * mb, T - lo, C] under the current ffn thresholds
+                x = self._cached((b, "cand xmid"), tuple(keys), lambda: torch.cat([p["xmid"] for p in new]))
+                f = self._ffn_pieces(x, cache=((b, "cand ffn"), tuple(keys)))
                 err[att_idx] += self._err(x, f["fr"], f["fv"], st, len(att_idx))
                 mb = st["xmid"].shape[0]
                 for q, (j, p) in enumerate(zip(att_idx, new)):
-                    p.update({k: v[q * mb:(q + 1) * mb] for k, v in f.items()})
-                    pend[cand[j]] = p
+                    pend[cand[j]] = {**p, **{k: v[q * mb:(q + 1) * mb] for k, v in f.items()}}
             self.pending.append(pend)
         return err.cpu()
 
