@@ -1,8 +1,8 @@
 """Plots of an experiment's results (matplotlib, Agg backend; every file written atomically).
 
 * :func:`energy_vs_accuracy`: the average zero-shot accuracy (when tasks were run; else held-out
-  perplexity and cloze accuracy) against simulated energy per token, one line per algorithm,
-  the dense model marked;
+  perplexity, and the in-domain task accuracies where the curve's points have them) against
+  simulated energy per token, one line per algorithm, the dense model marked;
 * :func:`sparsity_by_site`: per-layer sparsity of each site kind (held-out text), natural zeros
   shaded;
 * :func:`energy_breakdown`: energy per token by layer and by action, sparse beside dense;
@@ -69,7 +69,9 @@ def energy_vs_accuracy(df: pd.DataFrame, path: str | Path, model: str, highlight
 
 def _accuracy_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
     """What the accuracy axes show: the average zero-shot accuracy when tasks were run (as the
-    published figures plot), perplexity otherwise (then cloze accuracy beside it, if any)."""
+    published figures plot), perplexity otherwise, then each in-domain task accuracy that at least
+    two of the schedules were scored on (the curve's points skip the task sets unless
+    ``--curve-tasks``: a panel of the run against dense alone is no curve)."""
     def has(col):
         return col in df and df[col].notna().any()
     if has("zs_avg"):
@@ -78,8 +80,11 @@ def _accuracy_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
         return [("zs_avg", f"average zero-shot accuracy ({n} tasks)")]
     cols = [("ppl", "held-out perplexity (lower is better)")] if has("ppl") else \
         [("sparsity_mac", "MAC-weighted activation sparsity")]
-    if has("cloze_acc"):
-        cols.append(("cloze_acc", "cloze last-word accuracy"))
+    schedules = df[df.algorithm != "dense"] if "algorithm" in df else df
+    for col, label in (("mc_acc_mi", "multiple-choice accuracy (mutual information)"),
+                       ("cloze_acc", "cloze last-word accuracy")):
+        if col in schedules and schedules[col].notna().sum() >= 2:
+            cols.append((col, label))
     return cols
 
 

@@ -322,3 +322,20 @@ def test_head_flag_thresholds_the_head_and_the_chip_counts_it(ckpt, tmp_path, ca
     capsys.readouterr()
     assert run.main([str(ckpt), "--algorithm", "teal", "--head", "--no-curve", "--out", str(tmp_path / "t")] + FAST) == 2
     assert "--head" in one_line_error(capsys)
+
+
+def test_the_curve_plots_a_task_accuracy_only_where_the_curve_has_one():
+    """The default run scores the task sets on dense and the run alone: no task panel (two points
+    are no curve); with --curve-tasks the multiple-choice and cloze panels join perplexity."""
+    import numpy as np
+    import pandas as pd
+
+    from experiments.plots import _accuracy_columns
+
+    nan = np.nan
+    df = pd.DataFrame({"algorithm": ["dense", "sequential", "uniform", "teal"], "ppl": [80.0, 85, 90, 86],
+                       "mc_acc_mi": [0.37, 0.40, nan, nan], "cloze_acc": [0.08, 0.07, nan, nan]})
+    assert [c for c, _ in _accuracy_columns(df)] == ["ppl"]
+    df.loc[2:, ["mc_acc_mi", "cloze_acc"]] = [[0.35, 0.05], [0.36, 0.06]]
+    assert [c for c, _ in _accuracy_columns(df)] == ["ppl", "mc_acc_mi", "cloze_acc"]
+    assert [c for c, _ in _accuracy_columns(df.assign(zs_avg=0.4))] == ["zs_avg"]

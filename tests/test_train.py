@@ -214,4 +214,5 @@ def test_the_ngram_baseline_scores_the_task_files(tmp_path):
                                            {"text": "the quick brown fox jumps over the lazy fox"}])
     write_jsonl(tmp_path / "mc.jsonl", [{"context": "the quick brown fox", "choices": ["over the dog", "jumps over the"], "label": 1},
                                         {"context": "the quick brown fox", "choices": ["over the dog", "jumps over the"], "label": 0}])
-    assert ngram_task_scores(lm, tok, tmp_path) == {"cloze_acc": 0.5, "mc_acc": 0.5}
+    assert ngram_task_scores(lm, tok, tmp_path) == {"cloze_acc": 0.5, "mc_acc": 0.5, "mc_acc_mutual_info": 0.5}
+    assert ngram_task_scores(lm, tok, tmp_path, with_mi=False) == {"cloze_acc": 0.5, "mc_acc": 0.5}

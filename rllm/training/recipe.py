@@ -278,31 +278,44 @@ def fit_ngrams(args, streams: dict[str, np.ndarray], vocab: int, log) -> tuple[d
             best)
 
 
-def ngram_task_scores(lm, tok, out: Path) -> dict[str, float]:
+def ngram_task_scores(lm, tok, out: Path, with_mi: bool = True) -> dict[str, float]:
     """Accuracy of the n-gram baseline on the task files written to ``out``: a cloze item is right
     when each target token is the most likely next token (lm-eval's greedy check); a multiple-choice
-    item when the true choice has the highest summed log-probability. Context and continuation are
-    tokenized apart, after ``<|endoftext|>``."""
+    item when the true choice has the highest summed log-probability (``mc_acc``) and, with
+    ``with_mi``, when it has the highest log-probability gain over the choice alone after
+    ``<|endoftext|>`` (lm-eval's ``acc_mutual_info``, as ``rllm.evaluate.multiple_choice`` scores the
+    network). Context and continuation are tokenized apart, after ``<|endoftext|>``."""
     from rllm.evaluate import load_task
 
     eot = [eot_id(tok)] if eot_id(tok) is not None else []
+    with_mi = with_mi and bool(eot)  # a choice alone needs a token before it to be scored after
     enc = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
     res = {}
     for name in ("cloze", "mc", "dev_cloze", "dev_mc"):
         if not (out / f"{name}.jsonl").is_file():
             continue
         items = load_task(out / f"{name}.jsonl", "lambada" if name.endswith("cloze") else None)
-        hits = 0
+        hits = hits_mi = 0
         for it in items:
             ctx = eot + enc(it.context)
             if name.endswith("cloze"):
                 tgt = enc(it.target)
                 hits += all(int(ngram_mod.next_token_probs(lm, ctx + tgt[:i]).argmax()) == t for i, t in enumerate(tgt))
             else:
-                scores = [ngram_mod.log_probs(lm, ctx + enc(it.target_delimiter + c))[len(ctx) - 1:].sum() for c in it.choices]
+                scores = np.array([_continuation_ll(lm, ctx, enc(it.target_delimiter + c)) for c in it.choices])
                 hits += int(np.argmax(scores)) == it.label
+                if with_mi:
+                    alone = np.array([_continuation_ll(lm, eot, enc(c)) for c in it.choices])
+                    hits_mi += int(np.argmax(scores - alone)) == it.label
         res[f"{name}_acc"] = hits / len(items)
+        if with_mi and not name.endswith("cloze"):
+            res[f"{name}_acc_mutual_info"] = hits_mi / len(items)
     return res
+
+
+def _continuation_ll(lm, ctx: list[int], cont: list[int]) -> float:
+    """Summed log-probability of ``cont`` after ``ctx`` under the n-gram (``ctx`` not empty)."""
+    return float(ngram_mod.log_probs(lm, ctx + cont)[len(ctx) - 1:].sum())
 
 
 # --- 1-4 reused: the output of a --data-only run ---------------------------------------------
