@@ -26,6 +26,12 @@ def site_table(model) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def nonzeros(x: torch.Tensor) -> int:
+    """``torch.count_nonzero(x)`` (NaN counts as non-zero), as the sum of ``x.bool()``: the same
+    count, 8x faster on a CPU (0.20 against 1.70 ms for 8 x 128 x 1024 float32 on 2 cores)."""
+    return int(x.bool().sum())
+
+
 class SparsityMeter:
     """Context manager counting, per site, elements seen, events sent and natural (exact) zeros.
 
@@ -46,8 +52,8 @@ class SparsityMeter:
         def hook(module, inputs, output):
             x = inputs[0]
             self.total[name] += x.numel()
-            self.events[name] += int(torch.count_nonzero(output))
-            self.natural_zeros[name] += x.numel() - int(torch.count_nonzero(x))
+            self.events[name] += nonzeros(output)
+            self.natural_zeros[name] += x.numel() - nonzeros(x)
         return hook
 
     def __enter__(self) -> "SparsityMeter":

@@ -88,3 +88,15 @@ def test_loading_a_non_trace_is_a_clear_error(tmp_path):
     p.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not an event trace"):
         EventTrace.load(p)
+
+
+def test_nonzeros_counts_as_count_nonzero():
+    """NaN and infinities count, signed zeros do not, in every dtype the sites see."""
+    from rllm.events import nonzeros
+    x = torch.tensor([0.0, -0.0, 1e-30, float("nan"), float("-inf"), -2.0, 0.0])
+    for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        y = x.to(dt)
+        assert nonzeros(y) == int(torch.count_nonzero(y)) == 4 - (dt == torch.float16)  # 1e-30 underflows in float16 only
+    r = torch.randn(3, 50, 70)
+    r[r.abs() < 0.7] = 0
+    assert nonzeros(r) == int(torch.count_nonzero(r))

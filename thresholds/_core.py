@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rllm.events import SparsityMeter, summarize
+from rllm.events import SparsityMeter, nonzeros, summarize
 
 from thresholds.schedule import Schedule, model_fingerprint, now_iso
 
@@ -570,7 +570,7 @@ class Capture:
         x = x.detach().reshape(-1, self.width)
         n = x.shape[0]
         self.total += x.numel()
-        self.zeros += x.numel() - int(torch.count_nonzero(x))
+        self.zeros += x.numel() - nonzeros(x)
         lo = torch.searchsorted(self.rows, self.offset)
         hi = torch.searchsorted(self.rows, self.offset + n)
         idx = (self.rows[lo:hi] - self.offset).to(x.device)
