@@ -148,3 +148,16 @@ def test_a_captures_sorted_quantiles_equal_quantiles_pooled():
     levels = [0.1, 0.37, 0.5, 0.9, 0.99]
     assert cap.pooled_quantiles(levels) == quantiles_pooled(cap.values, levels)
     assert cap.pooled_quantiles([0.5]) == quantiles_pooled(cap.values, [0.5])  # from the kept sort
+
+
+def test_sorted_values_is_torch_sort():
+    """The NumPy sort on a CPU gives torch's order, ties, zeros and NaN (last) included."""
+    from thresholds._core import sorted_values
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(10_000, generator=g).abs().round(decimals=2)
+    v[::97] = 0.0
+    v[5] = float("nan")
+    for t in (v, v.double(), v[:1], v[:0]):
+        assert torch.equal(sorted_values(t).nan_to_num(-1), t.sort().values.nan_to_num(-1))
+    b = v.bfloat16()  # the torch path
+    assert torch.equal(sorted_values(b).nan_to_num(-1), b.sort().values.nan_to_num(-1))

@@ -54,7 +54,7 @@ from rllm.wkv import wkv_sequence
 
 from thresholds._core import (RWKVSegments, Stream, as_calib_tokens, block_sites, build_schedule, calibrating,
                               mac_weights, measure, model_device, progress_bar, quantiles_pooled, run_segments, _rep,
-                              set_raw_threshold, solve_level, threshold_value, MAX_LEVEL, dense_capture)
+                              set_raw_threshold, solve_level, threshold_value, MAX_LEVEL, dense_capture, sorted_values)
 from thresholds.schedule import Schedule
 
 __all__ = ["uniform", "cats", "teal", "teal_trajectory", "teal_error", "TealTrajectory", "finetune", "ffn_inner_sites",
@@ -209,7 +209,7 @@ def teal_trajectory(model, calib_tokens, *, step: float = 0.05, max_sparsity: fl
     with calibrating(model, device) as dev:
         caps = dense_capture(model, calib_tokens, dev, names, batch_tokens, max_values, seed)
         natural = {n: caps[n].natural for n in names}
-        sorted_vals = {n: caps[n].values.reshape(-1).sort().values for n in names}
+        sorted_vals = {n: sorted_values(caps[n].values.reshape(-1)) for n in names}
         stream = Stream(model, calib_tokens, dev, batch_tokens)
         fast = dev.type == "cpu" if fast is None else bool(fast)
         bar = progress_bar(stream.segs.n_blocks, "teal greedy", progress)

@@ -73,7 +73,7 @@ import torch
 
 from thresholds._core import (MAX_LEVEL, Stream, block_sites, build_schedule, calibrating, dense_capture, mac_weights,
                               progress_bar, quantiles_per_channel, quantiles_per_token, quantiles_pooled, solve_level,
-                              _sorted_quantile)
+                              sorted_values, _sorted_quantile)
 from thresholds.schedule import Schedule
 
 __all__ = ["sequential", "resolve_settings", "shrink_toward_uniform", "FINE_LEVELS", "LEVELS", "SHRINK_GRID"]
@@ -339,7 +339,7 @@ def _floor(model, stream, names, caps, floor, dense: float, budget: float) -> tu
     """A uniform starting level for every site (pooled quantile of its dense ``|x|``, zeros
     included), set on the model: ``floor`` itself, or with ``"auto"`` the highest level (by
     bisection) whose loss stays within ``dense * (1 + budget)``. Returns (level, thresholds)."""
-    sorted_vals = {n: caps[n].values.reshape(-1).sort().values for n in names}
+    sorted_vals = {n: sorted_values(caps[n].values.reshape(-1)) for n in names}
 
     def at(level):
         from thresholds._core import _sorted_quantile
@@ -420,7 +420,7 @@ def shrink_toward_uniform(model, calib_tokens, sched: Schedule, lam: float, *, i
     out = {}
     for n in names:
         q = level(n, (lo + hi) / 2)
-        v = caps[n].values.reshape(-1).sort().values
+        v = sorted_values(caps[n].values.reshape(-1))
         out[n] = float(_sorted_quantile(v, torch.tensor([q]))[0]) if q > nat[n] + 1e-9 else 0.0
     return out
 
