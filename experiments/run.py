@@ -303,6 +303,9 @@ def _setup(a) -> tuple[P.Setup, float | None]:
         a.explicit_algorithm = a.algorithm is not None
     if setup.chips is not None and setup.chips < 1:
         raise P.ExperimentError(f"--chips must be >= 1, got {setup.chips}")
+    bad_scale = [b for b in (a.curve_scales or []) if not (math.isfinite(b) and b >= 0)]
+    if bad_scale:
+        raise P.ExperimentError(f"--curve-scales must be numbers >= 0, got {bad_scale[0]}")
     if not setup.prefetch_budget > 0:
         raise P.ExperimentError(f"--prefetch-budget must be > 0, got {setup.prefetch_budget}")
     for name in ("sim_tokens", "eval_tokens", "calib_tokens", "seq_len"):

@@ -115,6 +115,8 @@ def test_random_weights_are_labelled_everywhere(tmp_path, capsys):
     (["{ckpt}", "--arch", "{bad_arch}"], "a.toml"),
     (["{ckpt}", "--algorithm", "uniform", "--tolerance", "0.1"], "--sparsity"),
     (["{ckpt}", "--algorithm", "uniform", "--sparsity", "1.5"], "[0, 1)"),
+    (["{ckpt}", "--curve-scales", "0.5", "-1"], "--curve-scales must be numbers >= 0, got -1"),
+    (["{ckpt}", "--curve-scales", "nan"], "--curve-scales must be numbers >= 0, got nan"),
 ])
 def test_bad_input_is_one_line_and_exit_2_and_keeps_results(ckpt, tmp_path, capsys, args, needle):
     out = tmp_path / "keep"
