@@ -68,13 +68,21 @@ def wkv_triton(k: torch.Tensor, v: torch.Tensor, time_decay: torch.Tensor, time_
     """``wkv_sequence`` by the Triton recurrence: ``k, v [B, T, C]`` (any float dtype), float32 out and state."""
     if not HAS_TRITON:
         raise RuntimeError("the Triton WKV kernel needs triton (pip install triton)")
+    w, u = _decay_and_first(time_decay, time_first)
+    return _run_forward(k.contiguous(), v.contiguous(), w, u, state, BLOCK_C)
+
+
+def _decay_and_first(time_decay: torch.Tensor, time_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' per-channel ``w = -exp(time_decay)`` (the log decay per token) and ``u``, float32."""
+    return (-torch.exp(time_decay.detach().float())).contiguous(), time_first.detach().float().contiguous()
+
+
+def _run_forward(k, v, w, u, state, block: int):
+    """The forward kernel over contiguous ``k, v [B, T, C]`` from a copy of ``state``: (out, final state)."""
     B, T, C = k.shape
-    k, v = k.contiguous(), v.contiguous()
     aa, bb, pp = (s.detach().float().contiguous().clone() for s in state)
-    w = (-torch.exp(time_decay.detach().float())).contiguous()
-    u = time_first.detach().float().contiguous()
     out = torch.empty((B, T, C), device=k.device, dtype=torch.float32)
-    _wkv_kernel[(B, triton.cdiv(C, BLOCK_C))](k, v, w, u, aa, bb, pp, out, T, C, BLOCK=BLOCK_C)
+    _wkv_kernel[(B, triton.cdiv(C, block))](k, v, w, u, aa, bb, pp, out, T, C, BLOCK=block)
     return out, (aa, bb, pp)
 
 
@@ -186,14 +194,10 @@ class _WKVFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k, v, time_decay, time_first, aa, bb, pp):
-        B, T, C = k.shape
         k, v = k.contiguous(), v.contiguous()
-        w = (-torch.exp(time_decay.detach().float())).contiguous()
-        u = time_first.detach().float().contiguous()
+        w, u = _decay_and_first(time_decay, time_first)
         state0 = tuple(s.detach().float().contiguous() for s in (aa, bb, pp))
-        fa, fb, fp = (s.clone() for s in state0)
-        out = torch.empty((B, T, C), device=k.device, dtype=torch.float32)
-        _wkv_kernel[(B, triton.cdiv(C, TRAIN_BLOCK_C))](k, v, w, u, fa, fb, fp, out, T, C, BLOCK=TRAIN_BLOCK_C)
+        out, (fa, fb, fp) = _run_forward(k, v, w, u, state0, TRAIN_BLOCK_C)
         ctx.mark_non_differentiable(fa, fb, fp)
         ctx.save_for_backward(k, v, w, u, out, *state0)
         ctx.dtypes = (k.dtype, v.dtype, time_decay.dtype, time_first.dtype)
