@@ -15,7 +15,6 @@ import argparse
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import rllm.linear as L
+from forward_throughput import interleaved  # the sibling benchmark's timer: a warm-up, then the two in turn
 
 # (name, in, out) of rwkv_pd12 (256 wide, 12,288 tokens) and of a 4x wider model for contrast.
 SHAPES = [("att 256x256", 256, 256), ("ffn key 256x1024", 256, 1024), ("ffn value 1024x256", 1024, 256),
@@ -30,13 +30,7 @@ SHAPES = [("att 256x256", 256, 256), ("ffn key 256x1024", 256, 1024), ("ffn valu
 
 
 def _median_times(fa, fb, repeats: int) -> tuple[float, float]:
-    fa(), fb()
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, times in ((fa, ta), (fb, tb)):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+    ta, tb = interleaved(fa, fb, repeats)
     return statistics.median(ta), statistics.median(tb)
 
 
